@@ -1,0 +1,122 @@
+"""`raylign`: the command line. Each command parses its arguments and calls one function of the pipeline.
+
+Exit codes (DESIGN.md): 0 success; 2 bad usage, config or input data (one line, no traceback); 1 run failure;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.tasks.synthetic import write_task
+
+    cfg = load_config(args.config, args.overrides)
+    write_task(Path(args.out), cfg.synth, seed=args.seed if args.seed is not None else cfg.run.seed)
+    print(Path(args.out).resolve())
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from pipeline.config import DataConfig
+    from pipeline.data import RowCheck, check_file
+
+    defaults = DataConfig()
+    check = RowCheck(
+        args.kind,
+        tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
+        max_prompt_tokens=args.max_prompt_tokens or defaults.max_prompt_tokens,
+        max_response_tokens=args.max_response_tokens or defaults.max_response_tokens,
+    )
+    report = check_file(Path(args.file), check)
+    print(f"{report.path}: {report.rows} rows of {report.kind}, {report.good_rows} good, {len(report.bad)} bad, "
+          f"{len(report.duplicates)} duplicates")
+    if check.tokenizer is None:
+        print("lengths in whitespace words (give --tokenizer DIR for token counts and length limits)")
+    for column, s in report.length_stats().items():
+        print(f"  {column:<9} {report.length_unit}: min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  "
+              f"p95 {s['p95']}  max {s['max']}")
+    for row, first in report.duplicates:
+        print(f"{report.path}: row {row}: duplicate of row {first}")
+    for bad in report.bad:
+        print(bad.describe(report.path), file=sys.stderr)
+    return 2 if report.bad else 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raylign",
+        description="Alignment as inverse RL on Ray: recover a reward from human data, then optimize against it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser(
+        "synth", help="write the synthetic IRL task: data, tokenizer, tiny models, gold reward",
+        description="Write prompts/demos/preferences (Parquet), a tokenizer, a tiny policy and reward model and "
+        "task.json into --out. Sizes come from the `synth` config section.",
+    )
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--seed", type=int, default=None, help="data and model seed (default: run.seed)")
+    synth.add_argument("--config", default=None, help="config file for the `synth` section (default: defaults)")
+    synth.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. synth.num_prompts=64")
+    synth.set_defaults(func=cmd_synth)
+
+    data = commands.add_parser("data", help="inspect input data").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND")
+    check = data.add_parser(
+        "check", help="row count, length statistics and every bad row of a data file",
+        description="Read FILE (Parquet or JSONL) as --kind data; print the row count, length statistics, "
+        "duplicates and every bad row (file, row, reason). Exit 2 if any row is bad. Rows count from 0.",
+    )
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--kind", required=True, choices=["prompts", "demos", "preferences"])
+    check.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer dir for token counts and limits")
+    check.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="prompt length limit (default: data.max_prompt_tokens)")
+    check.add_argument("--max-response-tokens", type=int, default=None,
+                       help="response length limit (default: data.max_response_tokens)")
+    check.set_defaults(func=cmd_data_check)
+
+    config = commands.add_parser("config", help="inspect configs").add_subparsers(
+        dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = config.add_parser(
+        "show", help="print the resolved config (YAML, overrides applied, defaults filled in)",
+        description="Validate CONFIG with the overrides and print the resolved YAML. Exit 2 naming the key on "
+        "any unknown key, wrong type or bad value.",
+    )
+    show.add_argument("config", metavar="CONFIG")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. algo.kl.coef=0.1 stages=[reward]")
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"raylign: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raylign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The one config schema of a raylign run, and the one place where YAML and `a.b=value` overrides are merged.
+
+Every default lives here and nowhere else (STYLE.md rule 2): call sites read `cfg.section.key`, never
+`dict.get("key", default)`. Models are frozen and reject unknown keys, so a typo is an error, not a no-op.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+Stage = Literal["synth", "sft", "reward", "dpo", "irl", "rl", "eval"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RunConfig(Section):
+    name: str = Field("raylign", min_length=1, description="Run name; the run dir is <output_dir>/<name>-<timestamp>.")
+    output_dir: Path = Field(Path("runs"), description="Parent directory of run directories.")
+    seed: int = Field(0, description="Seed for data order, sampling and model init.")
+    max_steps: int = Field(20, ge=1, description="RL steps (policy updates) in the `rl` stage.")
+    checkpoint_every: int = Field(10, ge=1, description="Write a checkpoint every this many RL steps.")
+    max_bad_steps: int = Field(3, ge=1, description="Stop after this many non-finite updates in a row.")
+
+
+class SynthConfig(Section):
+    num_prompts: int = Field(512, ge=8, description="Prompts written by `synth` (train + test).")
+    demos_per_prompt: int = Field(2, ge=1, description="High-gold demonstrations per prompt.")
+    pairs_per_prompt: int = Field(4, ge=1, description="Preference pairs per prompt.")
+    test_fraction: float = Field(0.125, gt=0, lt=1, description="Share of prompts held out as the test split.")
+    label_temperature: float = Field(
+        0.1, gt=0, description="Bradley-Terry temperature of the simulated raters: higher means noisier labels."
+    )
+    policy_hidden_size: int = Field(128, ge=16, description="Hidden size of the tiny Llama policy.")
+    policy_layers: int = Field(4, ge=1, description="Decoder layers of the tiny Llama policy.")
+    reward_hidden_size: int = Field(128, ge=16, description="Hidden size of the tiny Llama reward model.")
+    reward_layers: int = Field(2, ge=1, description="Decoder layers of the tiny Llama reward model.")
+    vocab_size: int = Field(1024, ge=300, description="Byte-level BPE vocabulary size (256 bytes + merges).")
+
+
+class DataConfig(Section):
+    prompts: Path | None = Field(None, description="Prompts file (Parquet or JSONL): column `prompt` or `messages`.")
+    preferences: Path | None = Field(None, description="Preferences file: columns `prompt`, `chosen`, `rejected`.")
+    demos: Path | None = Field(None, description="Demonstrations file: columns `prompt`, `response`.")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="`error`: stop with exit 2 on the first bad file; `skip`: drop, count and report."
+    )
+    max_prompt_tokens: int = Field(64, ge=1, description="Longest prompt allowed, in tokens.")
+    max_response_tokens: int = Field(64, ge=1, description="Longest response (demo, chosen, rejected), in tokens.")
+
+
+class ModelConfig(Section):
+    policy: Path | None = Field(None, description="Initial policy (HF dir); None: the `synth` stage's policy.")
+    reward: Path | None = Field(None, description="Reward model (HF dir); None: trained or synthesized in the run.")
+    tokenizer: Path | None = Field(None, description="Tokenizer dir; None: the policy's.")
+
+
+class RolloutConfig(Section):
+    engine: Literal["vllm", "hf"] = Field("vllm", description="Generation backend: vLLM, or transformers generate.")
+    num_workers: int = Field(1, ge=1, description="Rollout actors (one engine each).")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per RL step (P).")
+    samples_per_prompt: int = Field(4, ge=1, description="Responses sampled per prompt (G).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated response, in tokens.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0, le=1, description="vLLM KV-cache share of GPU memory (of NUMA-node RAM on CPU)."
+    )
+
+
+class RewardConfig(Section):
+    function: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description='Reward function "module:function", called as f(prompts, responses) -> list[float].',
+    )
+    url: str | None = Field(None, description="Remote HTTP reward: POST {prompts, responses} -> {rewards}.")
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one remote reward request.")
+    max_retries: int = Field(3, ge=0, description="Retries of a failed remote reward request, with backoff.")
+    ensemble_size: int = Field(1, ge=1, description="Reward models trained in the `reward` stage (K).")
+    uncertainty_penalty: float = Field(0.0, ge=0, description="RL reward = ensemble mean - this * ensemble std.")
+    num_workers: int = Field(1, ge=1, description="Reward-scoring actors.")
+
+
+class ReferenceConfig(Section):
+    model: Path | None = Field(None, description="Reference model (HF dir); None: the initial policy.")
+    num_workers: int = Field(1, ge=1, description="Reference-logprob actors.")
+
+
+class LearnerConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Policy learner actors (data-parallel ranks).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate (AdamW).")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward on one learner.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    epochs: int = Field(1, ge=1, description="Optimizer passes over one step's experience (RL) or over the data.")
+    offload: bool = Field(False, description="ZeRO CPU offload of optimizer state (and params under ZeRO-3).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+
+
+class KLConfig(Section):
+    coef: float = Field(0.05, ge=0, description="KL coefficient (initial value for the adaptive controller).")
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="KL estimator (Schulman 2020).")
+    mode: Literal["reward", "loss"] = Field("reward", description="KL as a per-token reward penalty or a loss term.")
+    controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed coefficient or Ziegler et al. 2019.")
+    target: float | None = Field(None, gt=0, description="Target KL of the adaptive controller.")
+    horizon: int = Field(10000, ge=1, description="Horizon of the adaptive controller, in samples.")
+
+
+class AlgoConfig(Section):
+    name: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field("grpo", description="Policy-gradient algorithm.")
+    kl: KLConfig = Field(default_factory=KLConfig)
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO ratio clip below 1.")
+    clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo).")
+
+
+class SearchSpace(Section):
+    grid: list[Any] | None = Field(None, description="Try every value.")
+    choice: list[Any] | None = Field(None, description="Sample uniformly from these values.")
+    loguniform: tuple[float, float] | None = Field(None, description="Sample log-uniformly in [low, high].")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchSpace:
+        given = [k for k in ("grid", "choice", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, loguniform (got {given or 'none'})")
+        return self
+
+
+class SweepConfig(Section):
+    space: dict[str, SearchSpace] = Field(default_factory=dict, description="Dotted config key -> search space.")
+    num_samples: int = Field(1, ge=1, description="Samples of the space (each grid point is tried this often).")
+    max_concurrent: int = Field(1, ge=1, description="Trials running at once.")
+    metric: str = Field("gold_reward/final", description="Metric that picks the best trial.")
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher or lower metric is better.")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="`asha` stops weak trials early.")
+
+
+class CheckpointConfig(Section):
+    keep: int = Field(2, ge=1, description="Complete checkpoints kept in the run dir.")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    stages: list[Stage] = Field(default_factory=lambda: ["synth", "sft", "reward", "rl"], min_length=1)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        for key, msg in _cross_field_problems(self):
+            raise ValueError(f"{key}: {msg}")
+        return self
+
+
+def _cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
+    problems = []
+    if cfg.algo.name in ("grpo", "rloo") and cfg.rollout.samples_per_prompt < 2:
+        problems.append(
+            ("rollout.samples_per_prompt", f"= {cfg.rollout.samples_per_prompt}, but algo.name={cfg.algo.name} "
+             "compares samples within a group and needs at least 2")
+        )
+    if cfg.algo.kl.controller == "adaptive" and cfg.algo.kl.target is None:
+        problems.append(("algo.kl.target", "is required when algo.kl.controller=adaptive"))
+    if len(set(cfg.stages)) != len(cfg.stages):
+        problems.append(("stages", f"= {cfg.stages} lists a stage twice"))
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value), the value read as YAML (`[x, y]` is a list, `0.1` a float)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(f"override {text!r}: expected key=value with a dotted key, e.g. algo.kl.coef=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_one_line(e)})") from None
+    return [p.strip() for p in parts], value
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides to a plain dict from YAML; returns a new dict."""
+    merged = _deep_copy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = merged
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {text!r}: {prefix} is a value ({child!r}), not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from the schema defaults when `path` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml_mapping(Path(path))
+    return validate(merge_overrides(data, list(overrides)), source=str(path) if path else "defaults")
+
+
+def validate(data: dict[str, Any], *, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {describe_validation_error(e)}") from None
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """One line: the dotted key, the bad value and what is allowed (the first error, plus how many more)."""
+    errors = e.errors()
+    first = errors[0]
+    key = dotted_key(first["loc"])
+    if first["type"] == "extra_forbidden":
+        text = f"{key}: unknown key; allowed here: {', '.join(_allowed_keys(first['loc']))}"
+    elif first["type"] == "value_error" and not first["loc"]:
+        text = str(first["msg"]).removeprefix("Value error, ")
+    else:
+        text = f"{key} = {first['input']!r}: {first['msg']}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return text + more
+
+
+def dotted_key(loc: tuple[Any, ...]) -> str:
+    """("stages", 1) -> "stages[1]"; ("algo", "kl", "coef") -> "algo.kl.coef"."""
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ["(see README config reference)"]
+        model = annotation
+    return list(model.model_fields)
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())

@@ -1,0 +1,13 @@
+"""Errors the user can fix. The CLI prints their message on one line and exits 2 (DESIGN.md exit codes)."""
+
+
+class UserError(Exception):
+    """Bad usage, config or input data: no traceback, exit code 2."""
+
+
+class ConfigError(UserError):
+    """A config file or `key=value` override is wrong."""
+
+
+class DataError(UserError):
+    """An input data file is missing, unreadable or has bad rows."""
