@@ -38,13 +38,17 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         max_response_tokens=args.max_response_tokens or defaults.max_response_tokens,
     )
     report = check_file(Path(args.file), check)
-    print(f"{report.path}: {report.rows} rows of {report.kind}, {report.good_rows} good, {len(report.bad)} bad, "
-          f"{len(report.duplicates)} duplicates")
+    print(
+        f"{report.path}: {report.rows} rows of {report.kind}, {report.good_rows} good, {len(report.bad)} bad, "
+        f"{len(report.duplicates)} duplicates"
+    )
     if check.tokenizer is None:
         print("lengths in whitespace words (give --tokenizer DIR for token counts and length limits)")
     for column, s in report.length_stats().items():
-        print(f"  {column:<9} {report.length_unit}: min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  "
-              f"p95 {s['p95']}  max {s['max']}")
+        print(
+            f"  {column:<9} {report.length_unit}: min {s['min']}  mean {s['mean']:.1f}  p50 {s['p50']}  "
+            f"p95 {s['p95']}  max {s['max']}"
+        )
     for row, first in report.duplicates:
         print(f"{report.path}: row {row}: duplicate of row {first}")
     for bad in report.bad:
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser(
-        "synth", help="write the synthetic IRL task: data, tokenizer, tiny models, gold reward",
+        "synth",
+        help="write the synthetic IRL task: data, tokenizer, tiny models, gold reward",
         description="Write prompts/demos/preferences (Parquet), a tokenizer, a tiny policy and reward model and "
         "task.json into --out. Sizes come from the `synth` config section.",
     )
@@ -78,25 +83,37 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     data = commands.add_parser("data", help="inspect input data").add_subparsers(
-        dest="data_command", required=True, metavar="SUBCOMMAND")
+        dest="data_command", required=True, metavar="SUBCOMMAND"
+    )
     check = data.add_parser(
-        "check", help="row count, length statistics and every bad row of a data file",
+        "check",
+        help="row count, length statistics and every bad row of a data file",
         description="Read FILE (Parquet or JSONL) as --kind data; print the row count, length statistics, "
         "duplicates and every bad row (file, row, reason). Exit 2 if any row is bad. Rows count from 0.",
     )
     check.add_argument("file", metavar="FILE")
     check.add_argument("--kind", required=True, choices=["prompts", "demos", "preferences"])
     check.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer dir for token counts and limits")
-    check.add_argument("--max-prompt-tokens", type=int, default=None,
-                       help="prompt length limit (default: data.max_prompt_tokens)")
-    check.add_argument("--max-response-tokens", type=int, default=None,
-                       help="response length limit (default: data.max_response_tokens)")
+    check.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="prompt length limit (default: data.max_prompt_tokens)",
+    )
+    check.add_argument(
+        "--max-response-tokens",
+        type=int,
+        default=None,
+        help="response length limit (default: data.max_response_tokens)",
+    )
     check.set_defaults(func=cmd_data_check)
 
     config = commands.add_parser("config", help="inspect configs").add_subparsers(
-        dest="config_command", required=True, metavar="SUBCOMMAND")
+        dest="config_command", required=True, metavar="SUBCOMMAND"
+    )
     show = config.add_parser(
-        "show", help="print the resolved config (YAML, overrides applied, defaults filled in)",
+        "show",
+        help="print the resolved config (YAML, overrides applied, defaults filled in)",
         description="Validate CONFIG with the overrides and print the resolved YAML. Exit 2 naming the key on "
         "any unknown key, wrong type or bad value.",
     )

@@ -36,7 +36,9 @@ class SynthConfig(Section):
     pairs_per_prompt: int = Field(4, ge=1, description="Preference pairs per prompt.")
     test_fraction: float = Field(0.125, gt=0, lt=1, description="Share of prompts held out as the test split.")
     label_temperature: float = Field(
-        0.1, gt=0, description="Bradley-Terry temperature of the simulated raters: higher means noisier labels."
+        0.1,
+        gt=0,
+        description="Bradley-Terry temperature of the simulated raters: higher means noisier labels.",
     )
     policy_hidden_size: int = Field(128, ge=16, description="Hidden size of the tiny Llama policy.")
     policy_layers: int = Field(4, ge=1, description="Decoder layers of the tiny Llama policy.")
@@ -50,7 +52,8 @@ class DataConfig(Section):
     preferences: Path | None = Field(None, description="Preferences file: columns `prompt`, `chosen`, `rejected`.")
     demos: Path | None = Field(None, description="Demonstrations file: columns `prompt`, `response`.")
     on_bad_rows: Literal["error", "skip"] = Field(
-        "error", description="`error`: stop with exit 2 on the first bad file; `skip`: drop, count and report."
+        "error",
+        description="`error`: stop with exit 2 on the first bad file; `skip`: drop, count and report.",
     )
     max_prompt_tokens: int = Field(64, ge=1, description="Longest prompt allowed, in tokens.")
     max_response_tokens: int = Field(64, ge=1, description="Longest response (demo, chosen, rejected), in tokens.")
@@ -174,8 +177,11 @@ def _cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
     problems = []
     if cfg.algo.name in ("grpo", "rloo") and cfg.rollout.samples_per_prompt < 2:
         problems.append(
-            ("rollout.samples_per_prompt", f"= {cfg.rollout.samples_per_prompt}, but algo.name={cfg.algo.name} "
-             "compares samples within a group and needs at least 2")
+            (
+                "rollout.samples_per_prompt",
+                f"= {cfg.rollout.samples_per_prompt}, but algo.name={cfg.algo.name} "
+                "compares samples within a group and needs at least 2",
+            )
         )
     if cfg.algo.kl.controller == "adaptive" and cfg.algo.kl.target is None:
         problems.append(("algo.kl.target", "is required when algo.kl.controller=adaptive"))

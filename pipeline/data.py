@@ -157,6 +157,8 @@ class RowCheck:
             return (last["content"],)
         if self.kind == "demos" and messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # a demo conversation: the prompt is everything before the answer
+            if not messages:
+                return f"{column}: the conversation has no turn before the assistant's answer"
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             return f"{column} is a messages list, but the tokenizer has no chat template to render it"
         return (self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),)
@@ -227,7 +229,11 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, int, dict[str, Any] | str]
                     yield row, line_no, f"not valid JSON ({e.msg} at column {e.colno})"
                 else:
                     ok = isinstance(record, dict)
-                    yield row, line_no, record if ok else f"expected a JSON object, got {type(record).__name__}"
+                    yield (
+                        row,
+                        line_no,
+                        record if ok else f"expected a JSON object, got {type(record).__name__}",
+                    )
             row += 1
 
 

@@ -18,9 +18,7 @@ from pipeline.algo.masking import bool_mask, masked_whiten
 Tensor = torch.Tensor
 
 
-def gae(
-    token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16) over the valid tokens of each row.
 
     token_rewards, values, mask: [B, T]. Returns (advantages [B, T], returns [B, T]), 0 where masked;
@@ -58,9 +56,7 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.
     return torch.stack(returns[::-1], dim=1)
 
 
-def reinforce_pp_advantages(
-    token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0
-) -> tuple[Tensor, Tensor]:
+def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (Hu 2025, arXiv:2501.03262): returns-to-go of the KL-shaped rewards, whitened globally.
 
     token_rewards, mask: [B, T] (e.g. from `shaped_token_rewards`). Returns (advantages [B, T],
@@ -82,9 +78,7 @@ def _groups(scores: Tensor, group_size: int, min_size: int) -> Tensor:
     return scores.view(-1, group_size)
 
 
-def grpo_advantages(
-    scores: Tensor, *, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
-) -> Tensor:
+def grpo_advantages(scores: Tensor, *, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
     """GRPO outcome advantages (Shao et al. 2024, sec. 4.1.2): (score - group mean) / (group std + eps).
 
     scores: [B], B = P * G as P consecutive groups of G = group_size samples. Returns [B].

@@ -16,7 +16,7 @@ Gold reward of (prompt, response), in [0, 1]:
     mention   = 1 if the prompt's noun appears in a well-formed sentence, else 0
     diversity = distinct content words / content words
     length    = 1 for 8..20 words, rising linearly from 0 below 8, falling linearly to 0 at 40
-    gold      = grammar * (0.5 relevance + 0.2 mention + 0.15 diversity + 0.15 length)
+    gold      = grammar * (0.4 relevance + 0.15 mention + 0.25 diversity + 0.2 length)
 Grammar multiplies everything, so word salad scores 0; diversity and length make one repeated sentence or
 token a poor strategy; relevance and mention make the best response depend on the prompt.
 """
@@ -66,7 +66,7 @@ class GoldParts:
 
     @property
     def total(self) -> float:
-        rest = 0.5 * self.relevance + 0.2 * self.mention + 0.15 * self.diversity + 0.15 * self.length
+        rest = 0.4 * self.relevance + 0.15 * self.mention + 0.25 * self.diversity + 0.2 * self.length
         return self.grammar * rest
 
 

@@ -73,10 +73,16 @@ def write_task(out: Path, cfg: SynthConfig, *, seed: int, log: Callable[[str], N
     split = {p: ("test" if i < n_test else "train") for i, p in enumerate(prompts)}
 
     log(f"synth: {len(prompts)} prompts ({n_test} test), demos and preference pairs")
-    demos = [{"prompt": p, "response": _demo(rng, p), "split": split[p]}
-             for p in prompts for _ in range(cfg.demos_per_prompt)]
-    pairs = [{**_pair(rng, p, cfg.label_temperature), "split": split[p]}
-             for p in prompts for _ in range(cfg.pairs_per_prompt)]
+    demos = [
+        {"prompt": p, "response": _demo(rng, p), "split": split[p]}
+        for p in prompts
+        for _ in range(cfg.demos_per_prompt)
+    ]
+    pairs = [
+        {**_pair(rng, p, cfg.label_temperature), "split": split[p]}
+        for p in prompts
+        for _ in range(cfg.pairs_per_prompt)
+    ]
     _write(out / "prompts.parquet", [{"prompt": p, "split": split[p]} for p in prompts])
     _write(out / "demos.parquet", demos)
     _write(out / "preferences.parquet", pairs)
@@ -97,10 +103,20 @@ def write_task(out: Path, cfg: SynthConfig, *, seed: int, log: Callable[[str], N
     info = {
         "seed": seed,
         "gold_reward": "pipeline.tasks.synthetic:gold_reward",
-        "files": {"prompts": "prompts.parquet", "demos": "demos.parquet", "preferences": "preferences.parquet",
-                  "policy": "models/policy", "reward": "models/reward"},
-        "rows": {"prompts": len(prompts), "demos": len(demos), "preferences": len(pairs),
-                 "test_prompts": n_test, "test_pairs": len(test_pairs)},
+        "files": {
+            "prompts": "prompts.parquet",
+            "demos": "demos.parquet",
+            "preferences": "preferences.parquet",
+            "policy": "models/policy",
+            "reward": "models/reward",
+        },
+        "rows": {
+            "prompts": len(prompts),
+            "demos": len(demos),
+            "preferences": len(pairs),
+            "test_prompts": n_test,
+            "test_pairs": len(test_pairs),
+        },
         "label_temperature": cfg.label_temperature,
         "noisy_label_share": sum(r["_noisy"] for r in pairs) / len(pairs),
         "test_noisy_label_share": sum(r["_noisy"] for r in test_pairs) / len(test_pairs),
@@ -110,6 +126,8 @@ def write_task(out: Path, cfg: SynthConfig, *, seed: int, log: Callable[[str], N
         "vocab_size": len(tokenizer),
     }
     (out / "task.json").write_text(json.dumps(info, indent=2) + "\n")
-    log(f"synth: wrote {out} (policy {info['parameters']['policy']:,} params, "
-        f"Bayes-optimal test accuracy {info['bayes_optimal_accuracy']:.3f})")
+    log(
+        f"synth: wrote {out} (policy {info['parameters']['policy']:,} params, "
+        f"Bayes-optimal test accuracy {info['bayes_optimal_accuracy']:.3f})"
+    )
     return info

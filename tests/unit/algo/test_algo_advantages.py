@@ -20,8 +20,9 @@ def test_gae_by_hand():
     # t=1: delta = 0 + 0.9 * 1.5 - 1.0 = 0.35            A = 0.35 + 0.72 * 0.5 = 0.71
     # t=0: delta = 1 + 0.9 * 1.0 - 0.5 = 1.4             A = 1.4 + 0.72 * 0.71 = 1.9112
     # returns = A + V = [2.4112, 1.71, 2.0]
-    adv, ret = gae(torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.5, 1.0, 1.5]]), torch.ones(1, 3),
-                   gamma=0.9, lam=0.8)
+    adv, ret = gae(
+        torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.5, 1.0, 1.5]]), torch.ones(1, 3), gamma=0.9, lam=0.8
+    )
     torch.testing.assert_close(adv, torch.tensor([[1.9112, 0.71, 0.5]]))
     torch.testing.assert_close(ret, torch.tensor([[2.4112, 1.71, 2.0]]))
 
@@ -59,6 +60,9 @@ def test_discounted_returns_by_hand():
     # rewards [0, 0, 1] with gamma 0.5 -> [0.25, 0.5, 1]
     out = discounted_returns(torch.tensor([[0.0, 0.0, 1.0]]), torch.ones(1, 3), gamma=0.5)
     torch.testing.assert_close(out, torch.tensor([[0.25, 0.5, 1.0]]))
+    # a hole is skipped, not counted as a step: [0, (masked), 1] -> [0.5, 0, 1]
+    out = discounted_returns(torch.tensor([[0.0, 7.0, 1.0]]), torch.tensor([[1, 0, 1]]), gamma=0.5)
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.0, 1.0]]))
 
 
 def test_reinforce_pp_by_hand():
@@ -90,8 +94,9 @@ def test_dr_grpo_by_hand():
 
 def test_rloo_by_hand():
     # [1, 2, 3]: 1 - (2 + 3) / 2 = -1.5; 2 - (1 + 3) / 2 = 0; 3 - (1 + 2) / 2 = 1.5
-    torch.testing.assert_close(rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), group_size=3),
-                               torch.tensor([-1.5, 0.0, 1.5]))
+    torch.testing.assert_close(
+        rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), group_size=3), torch.tensor([-1.5, 0.0, 1.5])
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ADVANTAGES))

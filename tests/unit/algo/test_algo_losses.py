@@ -24,8 +24,7 @@ def test_ppo_at_ratio_one_is_minus_token_mean_advantage():
 
 def test_ppo_gradient_at_ratio_one_is_minus_advantage_over_count():
     lp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
-    loss, _ = ppo_policy_loss(lp, lp.detach(), torch.tensor([[1.0, -2.0, 3.0]]), torch.tensor([[1, 1, 0]]),
-                              **CLIP)
+    loss, _ = ppo_policy_loss(lp, lp.detach(), torch.tensor([[1.0, -2.0, 3.0]]), torch.tensor([[1, 1, 0]]), **CLIP)
     loss.backward()
     torch.testing.assert_close(lp.grad, torch.tensor([[-0.5, 1.0, 0.0]]))
 
@@ -107,8 +106,13 @@ def test_ppo_is_weights_scale_tokens():
 def test_value_loss_by_hand():
     # token 0: V 1, V_old 0, R 0, clip 0.2: unclipped (1 - 0)^2 = 1; V_clip 0.2 -> 0.04; 0.5 * max = 0.5
     # token 1: V 2, V_old 2, R 0: both 4 -> 2.   mean = 1.25, nothing where clipped > unclipped.
-    loss, metrics = value_loss(torch.tensor([[1.0, 2.0, 7.0]]), torch.tensor([[0.0, 2.0, -7.0]]),
-                               torch.zeros(1, 3), torch.tensor([[1, 1, 0]]), clip=0.2)
+    loss, metrics = value_loss(
+        torch.tensor([[1.0, 2.0, 7.0]]),
+        torch.tensor([[0.0, 2.0, -7.0]]),
+        torch.zeros(1, 3),
+        torch.tensor([[1, 1, 0]]),
+        clip=0.2,
+    )
     assert loss.item() == pytest.approx(1.25)
     assert metrics["value/clip_frac"] == 0.0
     assert metrics["loss/value"] == pytest.approx(1.25)

@@ -1,0 +1,22 @@
+"""Shared fixtures. Nothing may be downloaded: HF_HUB_OFFLINE makes a hidden hub access fail loudly."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    """A small synthetic task (data, tokenizer, tiny models), written once per test session."""
+    from pipeline.config import SynthConfig
+    from pipeline.tasks.synthetic import write_task
+
+    out = tmp_path_factory.mktemp("task")
+    write_task(out, SynthConfig(num_prompts=64), seed=7, log=lambda _: None)
+    return out
