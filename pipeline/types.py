@@ -1,0 +1,76 @@
+"""The data that crosses actor boundaries: typed dataclasses of CPU tensors, in the one RL vocabulary.
+
+Shape letters: B sequences (B = P * G, the G samples of one prompt consecutive), P prompts, G samples per prompt,
+Tp prompt tokens (left-padded), T response tokens (right-padded). Masks are bool tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """P prompts to sample G responses each from."""
+
+    prompts: list[str]  # [P]
+    samples_per_prompt: int  # G
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """B = P * G sampled sequences, as the rollout engine produced them."""
+
+    prompts: list[str]  # [B] prompt text of each sequence
+    responses: list[str]  # [B] decoded response text
+    prompt_ids: Tensor  # [B, Tp] int64, left-padded with the pad id
+    prompt_mask: Tensor  # [B, Tp] bool
+    response_ids: Tensor  # [B, T] int64, right-padded with the pad id
+    response_mask: Tensor  # [B, T] bool
+    rollout_logprobs: Tensor  # [B, T] float32, logprob of each sampled token under the engine; 0 where masked
+    finish_reasons: list[str]  # [B] "stop" (EOS) or "length" (max_new_tokens reached)
+    weight_version: int  # version of the policy weights that produced these samples
+    group_size: int  # G
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """One learner's shard of experience for a policy update."""
+
+    prompt_ids: Tensor  # [B, Tp]
+    prompt_mask: Tensor  # [B, Tp]
+    response_ids: Tensor  # [B, T]
+    response_mask: Tensor  # [B, T]
+    old_logprobs: Tensor  # [B, T] logprobs of the policy that sampled (learner-recomputed or rollout)
+    advantages: Tensor  # [B, T]
+    ref_logprobs: Tensor | None = None  # [B, T], when KL is a loss term
+    rollout_logprobs: Tensor | None = None  # [B, T], for mismatch metrics and truncated IS weights
+    returns: Tensor | None = None  # [B, T], PPO critic targets
+    old_values: Tensor | None = None  # [B, T], PPO value clipping
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+
+def pad_right(rows: list[list[int | float]], pad: int | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Ragged rows -> (values [B, T], mask [B, T]) padded on the right; T = longest row (at least 1)."""
+    width = max([len(r) for r in rows] + [1])
+    values = torch.full((len(rows), width), pad, dtype=dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        values[i, : len(r)] = torch.tensor(r, dtype=dtype)
+        mask[i, : len(r)] = True
+    return values, mask
+
+
+def pad_left(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Ragged token rows -> (ids [B, Tp], mask [B, Tp]) padded on the left, so every prompt ends at column Tp-1."""
+    ids, mask = pad_right([r[::-1] for r in rows], pad, torch.long)
+    return ids.flip(1), mask.flip(1)
