@@ -7,10 +7,10 @@ Every default lives here and nowhere else (STYLE.md rule 2): call sites read `cf
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -74,7 +74,15 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     gpu_memory_utilization: float = Field(
-        0.2, gt=0, le=1, description="vLLM KV-cache share of GPU memory (of NUMA-node RAM on CPU)."
+        0.2, gt=0, le=1, description="vLLM KV-cache share of GPU memory (GPU only; CPU uses kv_cache_memory_bytes)."
+    )
+    kv_cache_memory_bytes: int = Field(
+        256 * 2**20,
+        ge=2**20,
+        description="vLLM KV-cache size on CPU, in bytes (a RAM share such as vLLM's default 0.92 fails on CPU).",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs per vLLM engine (tensor parallel inside the actor's placement bundle); 1 on CPU."
     )
 
 
@@ -84,28 +92,78 @@ class RewardConfig(Section):
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description='Reward function "module:function", called as f(prompts, responses) -> list[float].',
     )
-    url: str | None = Field(None, description="Remote HTTP reward: POST {prompts, responses} -> {rewards}.")
+    url: str | None = Field(
+        None, pattern=r"^https?://\S+$", description="Remote HTTP reward: POST {prompts, responses} -> {rewards}."
+    )
     timeout_s: float = Field(30.0, gt=0, description="Timeout of one remote reward request.")
     max_retries: int = Field(3, ge=0, description="Retries of a failed remote reward request, with backoff.")
+    backoff_s: float = Field(
+        0.5, ge=0, description="Wait before the first retry of a remote reward request; doubles on each retry."
+    )
+    weights: dict[Literal["model", "function", "url"], float] = Field(
+        default_factory=dict,
+        description="Weight of each reward source (model, function, url) in the summed reward; "
+        "a configured source not listed weighs 1.0.",
+    )
     ensemble_size: int = Field(1, ge=1, description="Reward models trained in the `reward` stage (K).")
     uncertainty_penalty: float = Field(0.0, ge=0, description="RL reward = ensemble mean - this * ensemble std.")
+    micro_batch_size: int = Field(32, ge=1, description="Sequences per reward-model forward pass.")
     num_workers: int = Field(1, ge=1, description="Reward-scoring actors.")
+
+    DEFAULT_WEIGHT: ClassVar[float] = 1.0  # weight of a configured source that `weights` does not list
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_are_finite_and_configured(cls, weights: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        for source, w in weights.items():
+            if not abs(w) < float("inf"):
+                raise ValueError(f"weight of {source!r} is {w}; weights must be finite")
+        # `model` is not checked here: the reward model dirs come from the stages, not from this section.
+        for source in ("function", "url"):
+            if source in weights and info.data.get(source) is None:
+                raise ValueError(f"gives a weight for {source!r}, but reward.{source} is not set")
+        return weights
+
+    def weight(self, source: str) -> float:
+        """Weight of one configured source ("model", "function" or "url") in the summed reward."""
+        return self.weights.get(source, self.DEFAULT_WEIGHT)
 
 
 class ReferenceConfig(Section):
     model: Path | None = Field(None, description="Reference model (HF dir); None: the initial policy.")
+    micro_batch_size: int = Field(32, ge=1, description="Sequences per reference forward pass.")
     num_workers: int = Field(1, ge=1, description="Reference-logprob actors.")
 
 
 class LearnerConfig(Section):
     num_workers: int = Field(1, ge=1, description="Policy learner actors (data-parallel ranks).")
+    backend: Literal["deepspeed", "torch"] = Field(
+        "deepspeed", description="Training engine: DeepSpeed ZeRO, or plain torch (fallback and fast tests)."
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     lr: float = Field(1e-4, gt=0, description="Learning rate (AdamW).")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear LR warmup, then constant LR.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward on one learner.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    epochs: int = Field(1, ge=1, description="Optimizer passes over one step's experience (RL) or over the data.")
+    epochs: int = Field(
+        1,
+        ge=1,
+        description="Optimizer passes over one step's experience (RL; one update per pass) or over the data.",
+    )
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state (and params under ZeRO-3).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> LearnerConfig:
+        if self.offload and (self.backend != "deepspeed" or self.zero_stage == 0):
+            raise ValueError(
+                f"learner.offload=true needs backend=deepspeed and zero_stage >= 1 "
+                f"(got backend={self.backend}, zero_stage={self.zero_stage})"
+            )
+        return self
 
 
 class KLConfig(Section):
@@ -124,6 +182,14 @@ class AlgoConfig(Section):
     clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo).")
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
+        "token-mean", description="How per-token losses reduce to a scalar, over a whole step's batch."
+    )
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip PPO bound c on negative advantages; None: off.")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance-sampling cap on learner/rollout ratios; None: off."
+    )
+    value_clip: float | None = Field(0.2, gt=0, description="PPO critic value clip around old values; None: off.")
 
 
 class SearchSpace(Section):

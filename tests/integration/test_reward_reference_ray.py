@@ -1,0 +1,65 @@
+"""RewardWorker and ReferenceWorker as Ray actors give what the plain classes give, and errors keep their type."""
+
+import socket
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from actors.reference import ReferenceWorker
+from actors.reward import RemoteRewardError, RewardWorker
+from pipeline.config import ReferenceConfig, RewardConfig
+from pipeline.errors import ConfigError
+from tests.unit.test_reference_worker import rollouts_of, sample_texts
+
+
+@pytest.fixture(scope="module")
+def rollouts(task_dir):
+    return rollouts_of(AutoTokenizer.from_pretrained(task_dir / "models/policy"), *sample_texts(10, seed=5))
+
+
+def spawn(ray, cls, *args):
+    actor = ray.remote(num_cpus=1)(cls).remote(*args)
+    ray.get(actor.setup.remote())
+    return actor
+
+
+def test_reward_actor_equals_plain_class(local_ray, task_dir, rollouts):
+    cfg = RewardConfig(function="pipeline.tasks.synthetic:gold_reward", weights={"model": 0.5}, micro_batch_size=4)
+    dirs = [task_dir / "models/reward"]
+    plain = RewardWorker(cfg, dirs)
+    plain.setup()
+    want = plain.score(rollouts)
+    actor = spawn(local_ray, RewardWorker, cfg, dirs)
+    got = local_ray.get(actor.score.remote(rollouts))
+    local_ray.kill(actor)
+    assert set(got.parts) == {"model", "function"}
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.model_mean, want.model_mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.parts["function"], want.parts["function"])
+
+
+def test_reference_actor_equals_plain_class(local_ray, task_dir, rollouts):
+    cfg = ReferenceConfig(micro_batch_size=4)
+    plain = ReferenceWorker(cfg, task_dir / "models/policy")
+    plain.setup()
+    want = plain.logprobs(rollouts)
+    actor = spawn(local_ray, ReferenceWorker, cfg, task_dir / "models/policy")
+    got = local_ray.get(actor.logprobs.remote(rollouts))
+    local_ray.kill(actor)
+    assert got.shape == rollouts.response_ids.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_errors_cross_the_actor_boundary_with_their_type(local_ray):
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/score"
+    actor = spawn(local_ray, RewardWorker, RewardConfig(url=url, timeout_s=0.3, max_retries=1, backoff_s=0.01), [])
+    with pytest.raises(RemoteRewardError) as info:
+        local_ray.get(actor.score_texts.remote(["veli ka bamo ?"], [" ka tiru ."]))
+    assert url in str(info.value) and "2 attempt" in str(info.value)
+    local_ray.kill(actor)
+    with pytest.raises(ConfigError, match="reward.function"):
+        spawn(local_ray, RewardWorker, RewardConfig(function="no_such_module_xyz:f"), [])
