@@ -1,0 +1,311 @@
+"""Training engines for the learners (DeepSpeed ZeRO 0-3, or plain torch) behind one Protocol, and the batch
+plumbing they share: equal shards per rank, micro-batches, and one optimizer update accumulated so that it equals
+the single-process full-batch update whatever the micro-batch size, rank count or sequence lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+import torch
+
+from pipeline.config import LearnerConfig
+
+Tensor = torch.Tensor
+Batch = TypeVar("Batch")  # a dataclass of per-sequence fields: TrainBatch, or Rollouts for compute_logprobs
+
+# How many "units" each loss aggregation averages over: a micro-batch's loss weighs units_mb / units_step.
+AGG_UNITS: dict[str, Callable[[Tensor], Tensor]] = {
+    "token-mean": lambda mask: mask.sum(),
+    "seq-mean-token-sum": lambda mask: mask.any(dim=-1).sum(),
+    "seq-mean-token-mean": lambda mask: mask.any(dim=-1).sum(),
+}
+
+
+class TrainEngine(Protocol):
+    """What a learner needs from a training backend (DeepSpeed | plain torch), chosen once in build_engine."""
+
+    model: Callable[..., Any]  # the forward to call (a DeepSpeed engine wraps the HF model)
+    module: torch.nn.Module  # the HF model itself: HF parameter names, save_pretrained
+    device: torch.device
+    steps: int  # optimizer updates taken
+    lr: float  # LR of the next update
+
+    def backward(self, loss: Tensor) -> None: ...
+    def step(self) -> float: ...  # one optimizer update on the accumulated gradients -> grad norm before clipping
+    def full_weights(self, keep: bool) -> list[tuple[str, Tensor]]: ...  # collective under ZeRO-3
+    def save_checkpoint(self, path: Path) -> None: ...
+    def load_checkpoint(self, path: Path) -> None: ...
+
+
+def init_distributed(cfg: LearnerConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """Join the learners' process group: gloo on CPU, NCCL on GPU."""
+    # LOCAL_RANK 0: a Ray actor sees only its own GPU (CUDA_VISIBLE_DEVICES), which is then device 0.
+    env = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank)}
+    os.environ.update(env, WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if cfg.backend == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist_backend)
+    elif world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(dist_backend)
+
+
+def build_engine(cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int) -> TrainEngine:
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine = DeepSpeedEngine if cfg.backend == "deepspeed" else TorchEngine
+    return engine(cfg, model, rank, world_size)
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup: update k < warmup_steps uses lr * (k + 1) / (warmup_steps + 1); then constant lr."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup_steps + 1)))
+
+
+def deepspeed_config(cfg: LearnerConfig, *, bf16: bool, grad_clip: float) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    adamw = {"lr": cfg.lr, "betas": list(cfg.adam_betas), "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        # We own the accumulation boundary: backward() accumulates, step() reduces and updates, so a step may
+        # hold any number of micro-batches (the shard size is only known per call).
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": grad_clip,
+        # torch's AdamW on CPU: DeepSpeed's fused Adam needs CUDA and its CPU Adam a JIT build.
+        "optimizer": {"type": "AdamW", "params": {**adamw, "torch_adam": not bf16}},
+        "zero_force_ds_cpu_optimizer": bf16,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31,
+    }
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 0-3: bf16 with fp32 master weights on GPU, fp32 on CPU."""
+
+    def __init__(self, cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int):
+        import deepspeed
+
+        bf16 = torch.cuda.is_available()
+        # Stage 0 in fp32 clips with a helper whose norm it drops; we clip in a pre-step hook to report it.
+        self._own_clip = cfg.grad_clip if cfg.zero_stage == 0 and not bf16 else None
+        config = deepspeed_config(cfg, bf16=bf16, grad_clip=0.0 if self._own_clip else cfg.grad_clip)
+        self.ds, optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            config=config,
+            lr_scheduler=lambda opt: warmup_schedule(opt, cfg.warmup_steps),
+        )
+        self.model, self.module, self.device = self.ds, self.ds.module, self.ds.device
+        self._zero3 = cfg.zero_stage == 3
+        self._norm = float("nan")
+        if self._own_clip:
+            optimizer.register_step_pre_hook(self._clip)
+
+    def _clip(self, optimizer, args, kwargs) -> None:
+        self._norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self._own_clip).item()
+
+    def backward(self, loss: Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> float:
+        self.ds.step()
+        norm = self._norm if self._own_clip else self.ds.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    @property
+    def steps(self) -> int:
+        return self.ds.global_steps
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def full_weights(self, keep: bool) -> list[tuple[str, Tensor]]:
+        import deepspeed
+
+        if not keep and not self._zero3:
+            return []
+        out = []
+        # One parameter at a time: never more than one full tensor gathered beyond the shards.
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=self._zero3):
+                if keep:
+                    out.append((name, p.detach().to("cpu", copy=True)))
+        return out
+
+    def save_checkpoint(self, path: Path) -> None:
+        self.ds.save_checkpoint(str(path))
+
+    def load_checkpoint(self, path: Path) -> None:
+        loaded, _ = self.ds.load_checkpoint(str(path))
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
+
+
+class TorchEngine:
+    """Plain torch AdamW in fp32, data-parallel by all-reducing gradients when there is more than one rank."""
+
+    def __init__(self, cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = self.module = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = warmup_schedule(self.optimizer, cfg.warmup_steps)
+        self.steps = 0
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = list(self.module.parameters())
+        for p in params:
+            if p.grad is None:  # every rank must all-reduce the same tensors
+                p.grad = torch.zeros_like(p)
+            if self.world_size > 1:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.world_size
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def full_weights(self, keep: bool) -> list[tuple[str, Tensor]]:
+        return [(n, p.detach().to("cpu", copy=True)) for n, p in self.module.named_parameters()] if keep else []
+
+    def save_checkpoint(self, path: Path) -> None:
+        if self.rank == 0:  # data-parallel ranks hold identical state
+            path.mkdir(parents=True, exist_ok=True)
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            torch.save({**state, "model": self.module.state_dict(), "steps": self.steps}, path / "torch_engine.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "torch_engine.pt", map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]
+
+
+def rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Sequences [start, stop) of a batch dataclass: every tensor and list field is sliced on dim 0."""
+    return map_fields(batch, lambda v: v[start:stop])
+
+
+def map_fields(batch: Batch, fn: Callable[[Any], Any]) -> Batch:
+    """Apply fn to every per-sequence field (tensor or list) of a batch dataclass; scalars are kept."""
+    changes = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor | list):
+            changes[f.name] = fn(value)
+    return dataclasses.replace(batch, **changes)
+
+
+def shard(batch: Batch, world_size: int) -> list[Batch]:
+    """Split a batch into `world_size` equal, contiguous shards (one per rank).
+
+    Equal shards keep every rank at the same number of forward/backward passes, which ZeRO-3 needs: its
+    parameter all-gathers are collectives."""
+    n = len(batch)
+    if n % world_size:
+        raise ValueError(f"batch of {n} sequences does not split into {world_size} equal learner shards")
+    size = n // world_size
+    return [rows(batch, r * size, (r + 1) * size) for r in range(world_size)]
+
+
+def global_sum(x: Tensor, world_size: int) -> Tensor:
+    """Sum of a scalar over all ranks (x itself when there is one rank)."""
+    if world_size > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def mean_metrics(metrics: list[dict[str, float]], weights: list[float] | None = None) -> dict[str, float]:
+    """(Weighted) mean of each key over the dicts; keys ending in `_max` take the max."""
+    weights = [1.0] * len(metrics) if weights is None else weights
+    total = sum(weights) or 1.0
+    out = {}
+    for key in metrics[0]:
+        if key.endswith("_max"):
+            out[key] = max(m[key] for m in metrics)
+        else:
+            out[key] = sum(w * m[key] for m, w in zip(metrics, weights, strict=True)) / total
+    return out
+
+
+class Dist(NamedTuple):
+    """Where a learner sits in its process group."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def start_engine(cfg: LearnerConfig, dist: Dist, seed: int, load_model: Callable[[], torch.nn.Module]) -> TrainEngine:
+    """Join the process group, then load the model (same seed on every rank: new heads start identical)."""
+    init_distributed(cfg, *dist)
+    torch.manual_seed(seed)
+    return build_engine(cfg, load_model(), dist.rank, dist.world_size)
+
+
+def save_hf(engine: TrainEngine, rank: int, model_dir: Path, out_dir: Path) -> None:
+    """Rank 0 writes an HF dir (config, weights, the tokenizer of model_dir); every rank joins the gather."""
+    from transformers import AutoTokenizer
+
+    weights = engine.full_weights(keep=rank == 0)
+    if rank == 0:
+        engine.module.save_pretrained(out_dir, state_dict=dict(weights))
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return map_fields(batch, lambda v: v.to(device) if isinstance(v, Tensor) else v)
+
+
+def accumulate_update(
+    engine: TrainEngine,
+    batch: Batch,
+    *,
+    micro_batch_size: int,
+    agg: str,
+    world_size: int,
+    loss_fn: Callable[[int, Batch], tuple[Tensor, dict[str, float]]],
+) -> dict[str, float]:
+    """One optimizer update over `batch`, in micro-batches. -> metrics (`grad_norm` included), weighted like
+    the loss, so `loss/*` is this rank's whole-batch loss.
+
+    loss_fn(i, micro_batch) returns the micro-batch loss aggregated with `agg`. It is weighted by the
+    micro-batch's share of the step's units (tokens or sequences, summed over ranks) times world_size,
+    because the engine averages gradients over ranks: the sum is the gradient of the full-batch loss."""
+    micro = [rows(batch, s, s + micro_batch_size) for s in range(0, len(batch), micro_batch_size)]
+    units = [float(AGG_UNITS[agg](mb.response_mask)) for mb in micro]
+    total = float(global_sum(torch.tensor(sum(units), dtype=torch.float64, device=engine.device), world_size)) or 1.0
+    metrics = []
+    for i, mb in enumerate(micro):
+        loss, m = loss_fn(i, mb)
+        engine.backward(loss * (world_size * units[i] / total))
+        metrics.append(m)
+    return {**mean_metrics(metrics, units), "grad_norm": engine.step()}

@@ -1,0 +1,254 @@
+"""The policy learner: one data-parallel rank of PPO-style policy updates on a DeepSpeed (or plain torch) engine.
+
+A plain class, made a Ray actor only at spawn time (`LearnerGroup`). `setup()` joins the torch.distributed group
+(gloo on CPU, NCCL on GPU), loads the HF policy and builds the engine. One `train_step` is `epochs` optimizer
+updates over this rank's shard, each accumulated over micro-batches. Loss weights are taken over the whole step
+(all micro-batches of all ranks), so the update equals the single-process update on the full batch whatever the
+micro-batch size, rank count or sequence lengths.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.engine import (
+    Batch,
+    Dist,
+    TrainEngine,
+    accumulate_update,
+    mean_metrics,
+    rows,
+    save_hf,
+    shard,
+    start_engine,
+    to_device,
+)
+from actors.sequences import response_logprobs
+from pipeline.algo import kl_loss, masked_mean, ppo_policy_loss, truncated_is_weights
+from pipeline.config import AlgoConfig, LearnerConfig
+from pipeline.types import TrainBatch
+
+Tensor = torch.Tensor
+
+
+class PolicyLearner:
+    """One data-parallel rank of the policy. Methods take and return CPU tensors."""
+
+    def __init__(
+        self,
+        learner_cfg: LearnerConfig,
+        algo_cfg: AlgoConfig,
+        model_dir: str | Path,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+        seed: int = 0,
+    ):
+        self.cfg, self.algo, self.model_dir, self.seed = learner_cfg, algo_cfg, Path(model_dir), seed
+        self.dist = Dist(rank, world_size, master_addr, master_port)
+        self.engine: TrainEngine | None = None
+
+    def setup(self) -> float:
+        """Join the process group, load the policy, build the engine. -> seconds taken."""
+        from transformers import AutoModelForCausalLM
+
+        start = time.perf_counter()
+        load = lambda: AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)  # noqa: E731
+        self.engine = start_engine(self.cfg, self.dist, self.seed, load)
+        return time.perf_counter() - start
+
+    def compute_logprobs(self, batch: Batch) -> Tensor:
+        """Per-token logprobs of the responses under the current weights: [B, T] float32, no grad.
+
+        batch: anything with prompt_ids, prompt_mask, response_ids, response_mask (TrainBatch, Rollouts)."""
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(batch), self.cfg.micro_batch_size):
+                mb = to_device(rows(batch, s, s + self.cfg.micro_batch_size), self.engine.device)
+                out.append(self._logprobs(mb).cpu())
+        return torch.cat(out)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """`epochs` clipped-surrogate updates on this rank's TrainBatch shard. -> metrics averaged over
+        micro-batches, plus `mismatch/*` (learner vs rollout logprobs before the first update)."""
+        start, lr = time.perf_counter(), self.engine.lr
+        batch = to_device(batch, self.engine.device)
+        first_logprobs: list[Tensor] = []  # pre-update logprobs per micro-batch (first epoch)
+        metrics: list[dict[str, float]] = []
+        for _ in range(self.cfg.epochs):
+            m = accumulate_update(
+                self.engine,
+                batch,
+                micro_batch_size=self.cfg.micro_batch_size,
+                agg=self.algo.loss_agg,
+                world_size=self.dist.world_size,
+                loss_fn=lambda i, mb: self._loss(i, mb, first_logprobs),
+            )
+            m["policy/grad_norm"] = m.pop("grad_norm")
+            metrics.append(m)
+        out = mean_metrics(metrics)
+        if batch.rollout_logprobs is not None:
+            out.update(self._mismatch(torch.cat(first_logprobs), batch.rollout_logprobs, batch.response_mask))
+        out["policy/lr"] = lr  # of the first update
+        out["timing/learner_step"] = time.perf_counter() - start
+        return out
+
+    def _loss(self, i: int, mb: TrainBatch, first_logprobs: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
+        logprobs = self._logprobs(mb)
+        if len(first_logprobs) == i:
+            first_logprobs.append(logprobs.detach())
+        is_weights = None
+        if self.algo.tis_cap is not None and mb.rollout_logprobs is not None:
+            # Yao et al. 2025: weight by the pre-update learner/rollout ratio, truncated at the cap.
+            is_weights = truncated_is_weights(
+                first_logprobs[i], mb.rollout_logprobs, mb.response_mask, cap=self.algo.tis_cap
+            )
+        loss, metrics = ppo_policy_loss(
+            logprobs,
+            mb.old_logprobs,
+            mb.advantages,
+            mb.response_mask,
+            clip_low=self.algo.clip_low,
+            clip_high=self.algo.clip_high,
+            dual_clip=self.algo.dual_clip,
+            agg=self.algo.loss_agg,
+            is_weights=is_weights,
+        )
+        if self.algo.kl.mode == "loss" and self.algo.kl.coef > 0:
+            if mb.ref_logprobs is None:
+                raise ValueError("algo.kl.mode=loss needs ref_logprobs in the TrainBatch")
+            kl = kl_loss(
+                logprobs, mb.ref_logprobs, mb.response_mask, kind=self.algo.kl.estimator, agg=self.algo.loss_agg
+            )
+            loss = loss + self.algo.kl.coef * kl
+            metrics["loss/kl"] = kl.item()
+        metrics["loss/total"] = loss.item()
+        return loss, metrics
+
+    @staticmethod
+    def _mismatch(logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> dict[str, float]:
+        diff = torch.where(mask, (logprobs - rollout_logprobs).abs(), 0.0)
+        return {
+            "mismatch/logprob_abs_max": diff.max().item(),
+            "mismatch/logprob_abs_mean": masked_mean(diff, mask).item(),
+        }
+
+    def _logprobs(self, mb) -> Tensor:
+        return response_logprobs(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+
+    def gather_weights(self) -> list[tuple[str, Tensor]]:
+        """Full weights with HF names, on CPU, on rank 0; other ranks take part in the ZeRO-3 gather and
+        return []. Every rank must call it."""
+        return self.engine.full_weights(keep=self.dist.rank == 0)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Rank 0 writes an HF model dir with the tokenizer (every rank must call it, for ZeRO-3)."""
+        save_hf(self.engine, self.dist.rank, self.model_dir, Path(out_dir))
+
+    def save_checkpoint(self, ckpt_dir: str | Path) -> None:
+        """Engine checkpoint (weights, optimizer, LR schedule, step); every rank writes its part."""
+        self.engine.save_checkpoint(Path(ckpt_dir))
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> None:
+        self.engine.load_checkpoint(Path(ckpt_dir))
+
+    def optimizer_steps(self) -> int:
+        """Optimizer updates taken so far."""
+        return self.engine.steps
+
+
+def master_address() -> tuple[str, int, str]:
+    """(node IP, a free port, node id) of the node this runs on: where rank 0 will listen."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port, ray.get_runtime_context().get_node_id()
+
+
+class LearnerGroup:
+    """N learner ranks as Ray actors in one process group: spawn, set up, fan out shards, gather weights.
+
+    learner_cls: PolicyLearner or ValueLearner. placement_group: bundles first_bundle..first_bundle+N-1 hold the
+    ranks (from the cluster plan); without one, rank 0 is pinned to the node whose free port it listens on."""
+
+    def __init__(
+        self,
+        learner_cls: type,
+        learner_cfg: LearnerConfig,
+        algo_cfg: AlgoConfig,
+        model_dir: str | Path,
+        *,
+        seed: int = 0,
+        placement_group: Any = None,
+        first_bundle: int = 0,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+    ):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+        n = learner_cfg.num_workers
+        if placement_group is not None:
+            strategies = [PlacementGroupSchedulingStrategy(placement_group, first_bundle + r) for r in range(n)]
+        else:
+            strategies = ["DEFAULT"] * n
+        probe = ray.remote(num_cpus=0)(master_address).options(scheduling_strategy=strategies[0])
+        addr, port, node_id = ray.get(probe.remote())
+        if placement_group is None:
+            strategies[0] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        actor_cls = ray.remote(learner_cls)
+        self.actors = [
+            actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=strategies[r]).remote(
+                learner_cfg,
+                algo_cfg,
+                str(model_dir),
+                rank=r,
+                world_size=n,
+                master_addr=addr,
+                master_port=port,
+                seed=seed,
+            )
+            for r in range(n)
+        ]
+
+    def setup(self) -> list[float]:
+        """Set every rank up together (they rendezvous). -> seconds per rank."""
+        return ray.get([a.setup.remote() for a in self.actors])
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One TrainBatch, split into equal shards. -> metrics averaged over ranks (maxima for `*_max`)."""
+        shards = shard(batch, len(self.actors))
+        return mean_metrics(ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards, strict=True)]))
+
+    def compute_logprobs(self, batch) -> Tensor:
+        shards = shard(batch, len(self.actors))
+        return torch.cat(ray.get([a.compute_logprobs.remote(s) for a, s in zip(self.actors, shards, strict=True)]))
+
+    def compute_values(self, batch) -> Tensor:
+        shards = shard(batch, len(self.actors))
+        return torch.cat(ray.get([a.compute_values.remote(s) for a, s in zip(self.actors, shards, strict=True)]))
+
+    def gather_weights(self) -> list[tuple[str, Tensor]]:
+        """Full HF-named weights from rank 0 (every rank joins the ZeRO-3 gather)."""
+        return ray.get([a.gather_weights.remote() for a in self.actors])[0]
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        ray.get([a.save_pretrained.remote(str(out_dir)) for a in self.actors])
+
+    def save_checkpoint(self, ckpt_dir: str | Path) -> None:
+        ray.get([a.save_checkpoint.remote(str(ckpt_dir)) for a in self.actors])
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> None:
+        ray.get([a.load_checkpoint.remote(str(ckpt_dir)) for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

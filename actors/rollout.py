@@ -1,0 +1,271 @@
+"""The rollout role: sample G responses per prompt from the current policy weights, with per-token logprobs, and
+take new weights in place (actors/weight_sync.py) without restarting the engine.
+
+Two backends behind one small Protocol, chosen once from `rollout.engine`: vLLM (in-process engine) and
+transformers `generate` (the fallback).
+
+Logprob mode: `rollout_logprobs` are RAW logprobs, log_softmax of the model's logits before temperature and
+top-p (vLLM's `logprobs_mode="raw_logprobs"`; log_softmax of `generate`'s `output_logits` for HF): the quantity the
+learner computes with `actors.sequences.response_logprobs`, so rollout and learner compare like with like at any
+temperature. At temperature 1 and top_p 1 they are also the logprobs of the distribution that was sampled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from actors.reference import load_frozen_model
+from actors.weight_sync import WeightSyncExtension, WeightUpdate
+from pipeline.algo import token_logprobs
+from pipeline.config import RolloutConfig
+from pipeline.types import PromptBatch, Rollouts, pad_left, pad_right
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response, unpadded, as a backend returns it."""
+
+    prompt_ids: list[int]  # prompt tokens, BOS included
+    token_ids: list[int]  # response tokens, the EOS included when finish_reason is "stop"
+    logprobs: list[float]  # raw logprob of each response token
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+
+
+class Engine(Protocol):
+    def sample(self, prompts: list[str], n: int) -> list[Sample]:
+        """len(prompts) * n samples, the n samples of one prompt consecutive, in prompt order."""
+        ...
+
+    def load_weights(self, named_tensors: dict[str, Tensor]) -> None:
+        """Overwrite the named weights (HF names) in place; later samples use them."""
+        ...
+
+
+class VLLMEngine:
+    """vLLM's offline `LLM`, run in-process. CPU: fp32, one worker. GPU: bf16, tensor parallel over the GPUs
+    of the actor's placement bundle, and an NCCL weight-transfer engine for weight sync."""
+
+    def __init__(self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int):
+        # The in-process engine core starts ~3x faster than vLLM's default engine process on CPU, and
+        # `collective_rpc` hands our weight tensors to the worker as tensors. vLLM reads this at engine start.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu and cfg.tensor_parallel_size != 1:
+            raise ValueError(f"rollout.tensor_parallel_size={cfg.tensor_parallel_size}: vLLM on CPU needs 1")
+        self.cfg = cfg
+        self.llm = LLM(
+            model=str(model_dir),
+            seed=seed,
+            logprobs_mode="raw_logprobs",
+            # Eager: no graph capture at start-up, and weights reloaded in place need no re-capture.
+            enforce_eager=True,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            worker_extension_cls=f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}",
+            **(_gpu_engine_args(cfg) if on_gpu else _cpu_engine_args(cfg)),
+        )
+
+    def sample(self, prompts: list[str], n: int) -> list[Sample]:
+        from vllm import SamplingParams
+
+        # logprobs=0: only the sampled token's logprob (in `logprobs_mode`), no top-k alternatives.
+        # detokenize=False: the worker decodes for both backends alike (vLLM's incremental detokenizer would
+        # drop a trailing partial UTF-8 character that tokenizer.decode keeps).
+        params = SamplingParams(
+            n=n,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            max_tokens=self.cfg.max_new_tokens,
+            logprobs=0,
+            detokenize=False,
+        )
+        samples = []
+        for out in self.llm.generate(prompts, params, use_tqdm=False):
+            for c in out.outputs:
+                logprobs = [step[token].logprob for step, token in zip(c.logprobs, c.token_ids, strict=True)]
+                reason = _finish_reason(c.finish_reason)
+                samples.append(Sample(list(out.prompt_token_ids), list(c.token_ids), logprobs, reason))
+        return samples
+
+    def load_weights(self, named_tensors: dict[str, Tensor]) -> None:
+        self.llm.collective_rpc("reload_hf_weights", args=(list(named_tensors.items()),))
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        # Prefix caching is on (also on CPU): without this, prompts seen before the update would reuse KV blocks
+        # computed with the old weights, and their responses would mix two policies.
+        self.llm.reset_prefix_cache()
+
+
+def _cpu_engine_args(cfg: RolloutConfig) -> dict:
+    return {
+        "dtype": "float32",
+        "distributed_executor_backend": "uni",
+        # A KV-cache share of RAM (`gpu_memory_utilization`) fails on CPU with vLLM's default 0.92; give bytes.
+        "kv_cache_memory_bytes": cfg.kv_cache_memory_bytes,
+    }
+
+
+def _gpu_engine_args(cfg: RolloutConfig) -> dict:
+    """NOT RUN ON A GPU YET. "mp" spawns one worker per GPU that Ray made visible to this actor (its bundle)."""
+    from vllm.config import WeightTransferConfig
+
+    return {
+        "dtype": "bfloat16",
+        "distributed_executor_backend": "uni" if cfg.tensor_parallel_size == 1 else "mp",
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "weight_transfer_config": WeightTransferConfig(backend="nccl"),
+    }
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a request with reason {reason!r}; expected 'stop' or 'length'")
+    return reason
+
+
+class HFEngine:
+    """transformers `generate` with sampling: the fallback backend, and the reference the vLLM one is checked
+    against. Weight updates are `load_state_dict` of the named tensors."""
+
+    def __init__(self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.model = load_frozen_model(AutoModelForCausalLM, model_dir)
+        self.pad_id = pad_token_id(tokenizer)
+        # generate() samples from torch's global generator; this process is this worker's alone.
+        torch.manual_seed(seed)
+
+    @torch.inference_mode()
+    def sample(self, prompts: list[str], n: int) -> list[Sample]:
+        rows = [self.tokenizer(p).input_ids for p in prompts for _ in range(n)]
+        prompt_ids, prompt_mask = pad_left(rows, self.pad_id)
+        device = self.model.device
+        eos = self.tokenizer.eos_token_id
+        out = self.model.generate(
+            input_ids=prompt_ids.to(device),
+            attention_mask=prompt_mask.long().to(device),
+            max_new_tokens=self.cfg.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=self.pad_id,
+            return_dict_in_generate=True,
+            output_logits=True,  # raw logits, before temperature / top-p (output_scores are processed)
+            **self._sampling_args(),
+        )
+        tokens = out.sequences[:, prompt_ids.shape[1] :]
+        logprobs = token_logprobs(torch.stack(out.logits, dim=1), tokens).cpu()
+        tokens = tokens.cpu()
+        samples = []
+        for i, row in enumerate(rows):
+            eos_at = (tokens[i] == eos).nonzero()
+            # generate() pads a finished row with pad ids until the longest row ends.
+            length = int(eos_at[0]) + 1 if len(eos_at) else tokens.shape[1]
+            reason = "stop" if len(eos_at) else "length"
+            samples.append(Sample(row, tokens[i, :length].tolist(), logprobs[i, :length].tolist(), reason))
+        return samples
+
+    def _sampling_args(self) -> dict:
+        if self.cfg.temperature == 0:
+            return {"do_sample": False}
+        # top_k=0: transformers otherwise applies its global default top_k=50, which vLLM does not.
+        return {"do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "top_k": 0}
+
+    def load_weights(self, named_tensors: dict[str, Tensor]) -> None:
+        result = self.model.load_state_dict(named_tensors, strict=False)  # a partial update is allowed
+        if result.unexpected_keys:
+            raise ValueError(f"weight update names unknown parameters: {result.unexpected_keys[:5]}")
+
+
+ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "hf": HFEngine}
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads prompts and responses: the tokenizer's pad token, else EOS (many HF models have none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class RolloutWorker:
+    """Samples G responses per prompt with one engine. Plain class; made a Ray actor where it is spawned
+    (`ray.remote(num_cpus=...)(RolloutWorker)`). Calls are serial in an actor, so `generate` never overlaps a
+    weight load and each batch comes from exactly one weight version."""
+
+    def __init__(self, cfg: RolloutConfig, model_dir: Path, *, seed: int):
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self.seed = seed
+        self._engine: Engine | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._pad_id: int | None = None
+        self._version = 0  # the weights in model_dir
+
+    def setup(self) -> None:
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._pad_id = pad_token_id(self._tokenizer)
+        self._engine = ENGINES[self.cfg.engine](self.cfg, self.model_dir, self._tokenizer, seed=self.seed)
+
+    def generate(self, batch: PromptBatch) -> Rollouts:
+        """P prompts -> B = P * G rollouts, the G samples of a prompt consecutive; CPU tensors."""
+        g = batch.samples_per_prompt
+        samples = self._engine.sample(batch.prompts, g)
+        prompt_ids, prompt_mask = pad_left([s.prompt_ids for s in samples], self._pad_id)
+        response_ids, response_mask = pad_right([s.token_ids for s in samples], self._pad_id, torch.long)
+        rollout_logprobs, _ = pad_right([s.logprobs for s in samples], 0.0, torch.float32)
+        return Rollouts(
+            prompts=[p for p in batch.prompts for _ in range(g)],
+            responses=self._tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True),
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            rollout_logprobs=rollout_logprobs,
+            finish_reasons=[s.finish_reason for s in samples],
+            weight_version=self._version,
+            group_size=g,
+        )
+
+    def load_weights(self, update: WeightUpdate) -> None:
+        """Take the learner's weights in place (no engine restart); later rollouts carry `update.version`."""
+        if update.version < self._version:
+            # In async mode a late update must not roll the weights back behind a newer one.
+            raise ValueError(f"weight update version {update.version} is older than the loaded {self._version}")
+        self._engine.load_weights(update.named_tensors)
+        self._version = update.version
+
+    def weight_version(self) -> int:
+        return self._version
+
+    # ---- GPU weight sync: vLLM's NCCL weight-transfer engine, driven by actors.weight_sync._broadcast_nccl. ----
+    # NOT RUN ON A GPU YET. The names mirror vLLM's `VLLMWeightSyncClient` protocol.
+
+    def engine_world_size(self) -> int:
+        """GPU workers of this engine, i.e. NCCL ranks it adds to the weight-transfer group."""
+        return self.cfg.tensor_parallel_size
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self._vllm().llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+
+    def start_weight_update(self) -> None:
+        self._vllm().llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self._vllm().llm.collective_rpc("update_weights", args=(update_info,))
+
+    def finish_weight_update(self, version: int) -> None:
+        engine = self._vllm()
+        engine.llm.collective_rpc("finish_weight_update")
+        engine.reset_prefix_cache()
+        self._version = version
+
+    def _vllm(self) -> VLLMEngine:
+        if not isinstance(self._engine, VLLMEngine):
+            raise TypeError(f"NCCL weight sync needs rollout.engine=vllm (this worker runs {self.cfg.engine!r})")
+        return self._engine

@@ -1,0 +1,139 @@
+"""Versioned weight sync from the policy learner to the rollout engines.
+
+One entry point, `broadcast_weights(named_tensors, version, rollout_actors)`, with the transport chosen by where
+the tensors live:
+- CPU: the update goes once into the Ray object store and every rollout actor reloads it in place
+  (vLLM's `reload_weights` via `WeightSyncExtension`, or `load_state_dict` for the HF backend).
+- GPU: vLLM's NCCL weight-transfer engine broadcasts straight from the learner's GPU into the engines' GPUs.
+  NOT RUN ON A GPU YET: written against vLLM 0.32's `NCCLTrainerWeightTransferEngine`, exercised by no test.
+
+Every update carries a version; rollouts report the version that produced them, so the learner can tell
+on-policy samples from stale ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """Full or partial policy weights, in HF (checkpoint) names, on CPU."""
+
+    version: int  # version of the learner's policy after the optimizer step that produced these weights
+    named_tensors: dict[str, Tensor]  # HF parameter name -> tensor, e.g. "model.layers.0.self_attn.q_proj.weight"
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`LLM(worker_extension_cls=...)`); its methods run on the worker through
+    `llm.collective_rpc(name, ...)`.
+
+    vLLM's worker already owns `update_weights`, `start_weight_update` and `init_weight_transfer_engine` (its
+    NCCL/IPC API) and refuses an extension that redefines them, hence the distinct name."""
+
+    def reload_hf_weights(self, named_tensors: list[tuple[str, Tensor]]) -> None:
+        # `reload_weights` maps HF names onto vLLM's fused layers and redoes the CPU backend's weight repacking;
+        # calling `model_runner.model.load_weights` directly fails on CPU for exactly that repacking.
+        self.reload_weights(weights_iterator=iter(named_tensors))
+
+
+def broadcast_weights(named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any]) -> float:
+    """Load `named_tensors` (HF names) as weight version `version` into every rollout actor (`RolloutWorker`
+    Ray actor handles); returns the seconds spent. Blocks until every actor has the new weights."""
+    start = time.perf_counter()
+    on_gpu = any(t.is_cuda for t in named_tensors.values())
+    (_broadcast_nccl if on_gpu else _broadcast_object_store)(named_tensors, version, rollout_actors)
+    return time.perf_counter() - start
+
+
+def _broadcast_object_store(named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any]) -> None:
+    update = WeightUpdate(version, {name: t.detach().cpu().contiguous() for name, t in named_tensors.items()})
+    ref = ray.put(update)  # one copy in the object store, read by every actor
+    ray.get([actor.load_weights.remote(ref) for actor in rollout_actors])
+
+
+# ---- GPU transport: vLLM's NCCL weight-transfer engine. NOT RUN ON A GPU YET (no GPU test machine so far). ----
+
+# The NCCL group between this learner process (rank 0) and the engines' GPU workers is built once and reused
+# by every later sync; keyed by the actors so a new set of rollout actors gets its own group.
+_NCCL_SENDERS: dict[tuple[str, ...], tuple[Any, _RolloutClient, _NamedTensorSource]] = {}
+
+
+def _broadcast_nccl(named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any]) -> None:
+    """NCCL broadcast from this process's GPU into every engine's GPU workers. NOT RUN ON A GPU YET.
+
+    Must run in the process that holds the CUDA tensors (learner rank 0); the engines must have been started
+    with `weight_transfer_config=nccl` (RolloutWorker does this on GPU). Per sync, vLLM's trainer engine calls
+    `start_weight_update`, then `update_weights` on the actors concurrently with its own broadcast, then
+    `finish_weight_update`; the actors' methods of those names forward to their vLLM workers."""
+    key = tuple(actor._actor_id.hex() for actor in rollout_actors)
+    if key not in _NCCL_SENDERS:
+        _NCCL_SENDERS[key] = _init_nccl_sender(rollout_actors)
+    sender, client, source = _NCCL_SENDERS[key]
+    client.version = version
+    source.named_tensors = named_tensors
+    sender.send_weights()
+
+
+def _init_nccl_sender(rollout_actors: Sequence[Any]):
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+    from vllm.utils.network_utils import get_ip, get_open_port
+
+    engine_sizes = ray.get([actor.engine_world_size.remote() for actor in rollout_actors])
+    client = _RolloutClient(rollout_actors, engine_sizes)
+    source = _NamedTensorSource()
+    init_info = NCCLTrainerInitInfo(
+        master_address=get_ip(), master_port=get_open_port(), world_size=1 + sum(engine_sizes), rank=0
+    )
+    sender = NCCLTrainerWeightTransferEngine.trainer_init(init_info, client=client, source=source)
+    return sender, client, source
+
+
+class _RolloutClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over RolloutWorker actors. Unlike vLLM's own Ray client, it gives
+    each engine its own NCCL rank offset: independent engines would otherwise all claim ranks 1..tp."""
+
+    def __init__(self, rollout_actors: Sequence[Any], engine_sizes: list[int]):
+        self.actors = list(rollout_actors)
+        self.offsets = [1 + sum(engine_sizes[:i]) for i in range(len(engine_sizes))]  # rank 0 is the learner
+        self.version = 0  # set before each send; handed to the actors when the update finishes
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        calls = [
+            a.init_weight_transfer.remote({**init_info, "rank_offset": o})
+            for a, o in zip(self.actors, self.offsets, strict=True)
+        ]
+        ray.get(calls)
+
+    def start_weight_update(self) -> None:
+        ray.get([a.start_weight_update.remote() for a in self.actors])
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        ray.get([a.update_weights.remote(update_info) for a in self.actors])
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        ray.get([a.finish_weight_update.remote(self.version) for a in self.actors])
+
+
+class _NamedTensorSource:
+    """vLLM's `WeightSource` protocol (metadata and iteration, in the same order) over one sync's tensors;
+    `_broadcast_nccl` swaps in each sync's tensors, since the trainer engine holds one source for its life."""
+
+    def __init__(self):
+        self.named_tensors: dict[str, Tensor] = {}
+
+    def metadata(self) -> list:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.named_tensors.items()]
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        return ((name, t.detach()) for name, t in self.named_tensors.items())
