@@ -45,10 +45,14 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=iter(named_tensors))
 
 
-def broadcast_weights(named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any]) -> float:
-    """Load `named_tensors` (HF names) as weight version `version` into every rollout actor (`RolloutWorker`
-    Ray actor handles); returns the seconds spent. Blocks until every actor has the new weights."""
+def broadcast_weights(
+    named_tensors: dict[str, Tensor] | Sequence[tuple[str, Tensor]], version: int, rollout_actors: Sequence[Any]
+) -> float:
+    """Load `named_tensors` (HF names; a dict or the (name, tensor) pairs `gather_weights` returns) as weight
+    version `version` into every rollout actor (`RolloutWorker` Ray actor handles); returns the seconds spent.
+    Blocks until every actor has the new weights."""
     start = time.perf_counter()
+    named_tensors = dict(named_tensors)
     on_gpu = any(t.is_cuda for t in named_tensors.values())
     (_broadcast_nccl if on_gpu else _broadcast_object_store)(named_tensors, version, rollout_actors)
     return time.perf_counter() - start

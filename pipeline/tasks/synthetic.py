@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from transformers.utils.logging import disable_progress_bar
 
 from pipeline.config import SynthConfig
 from pipeline.tasks import language
@@ -92,6 +93,7 @@ def write_task(out: Path, cfg: SynthConfig, *, seed: int, log: Callable[[str], N
     tokenizer = train_tokenizer([*corpus, " ".join(language.all_words())], cfg.vocab_size)
 
     log("synth: building the tiny policy and reward model")
+    disable_progress_bar()  # one shard per tiny model: the bar is noise
     policy = build_policy(tokenizer, hidden_size=cfg.policy_hidden_size, layers=cfg.policy_layers, seed=seed)
     reward = build_reward_model(tokenizer, hidden_size=cfg.reward_hidden_size, layers=cfg.reward_layers, seed=seed)
     for name, model in (("policy", policy), ("reward", reward)):

@@ -6,6 +6,6 @@ def local_ray():
     """One local Ray per test module, with a fixed CPU count, bound to 127.0.0.1."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
