@@ -3,9 +3,11 @@
 `plan(cfg)` is a pure function of the config (no Ray calls), so it can be printed, tested and reused by Ray Tune
 (a trial reserves exactly the plan's bundles). `spawn(...)` is the one place where plain classes become Ray actors.
 
-One placement group per role: learners are packed together (one DP group talks all-reduce every step), rollout
-engines get one bundle each (tensor parallel inside the bundle on GPU), and roles may require custom node
-resources (e.g. rollout engines on inference nodes) from `placement.resources`.
+One placement group per role, or per group of colocated roles (`placement.colocate`): there, actor i of each
+role shares bundle i and takes an equal share of its CPU and GPU (e.g. reward and reference models on one GPU).
+Learners are packed together (their DP group all-reduces every step); rollout engines get one bundle each, with
+`rollout.tensor_parallel_size` GPUs; `placement.resources` adds custom node resources per role (e.g. rollout
+engines on inference nodes).
 """
 
 from __future__ import annotations
@@ -19,22 +21,29 @@ ROLES = ("rollout", "reward", "reference", "learner", "critic")
 @dataclass(frozen=True)
 class RolePlan:
     role: str
-    bundles: list[dict[str, float]]  # one bundle per actor
-    strategy: str  # placement-group strategy: PACK, SPREAD, STRICT_PACK
+    group: str  # name of the placement group holding this role's bundles
+    bundles: list[dict[str, float]]  # actor i goes into bundle i of its group
+    share: float = 1.0  # fraction of each bundle's CPU/GPU one actor takes (< 1 when colocated)
 
     @property
     def count(self) -> int:
         return len(self.bundles)
+
+    def actor_resources(self, i: int) -> dict[str, Any]:
+        """Ray actor options for actor i: its share of bundle i (custom resources are held by the bundle)."""
+        bundle = self.bundles[i]
+        return {"num_cpus": bundle.get("CPU", 0.0) * self.share, "num_gpus": bundle.get("GPU", 0.0) * self.share}
 
 
 @dataclass(frozen=True)
 class ResourcePlan:
     device: str  # "cpu" or "gpu"
     roles: dict[str, RolePlan] = field(default_factory=dict)
+    groups: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # placement group -> bundles
 
     def bundles(self) -> list[dict[str, float]]:
-        """Every bundle of every role, in ROLES order (what a Ray Tune trial must reserve)."""
-        return [b for role in ROLES if role in self.roles for b in self.roles[role].bundles]
+        """Every bundle of every placement group (what a Ray Tune trial must reserve)."""
+        return [b for bundles in self.groups.values() for b in bundles]
 
     def total(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -48,59 +57,87 @@ class ResourcePlan:
         for role in ROLES:
             if role in self.roles:
                 rp = self.roles[role]
-                lines.append(f"  {role:<9} x{rp.count}  {rp.bundles[0]}  {rp.strategy}")
+                share = f"  share {rp.share:.2f} of group {rp.group}" if rp.share < 1 else ""
+                lines.append(f"  {role:<9} x{rp.count}  {rp.bundles[0]}{share}")
         return "\n".join(lines)
 
 
 def plan(cfg: Any, *, device: str = "cpu") -> ResourcePlan:
-    """Config -> resource plan. `cfg` is a pipeline.config.Config; `device` is "cpu" or "gpu"."""
+    """Config (pipeline.config.Config) -> resource plan for `device` "cpu" or "gpu"."""
     gpu = device == "gpu"
-    extra = dict(getattr(getattr(cfg, "placement", None), "resources", {}) or {})
-
-    def bundle(role: str, gpus: float) -> dict[str, float]:
-        b = {"CPU": 1.0, **({"GPU": gpus} if gpu and gpus else {})}
-        b.update(extra.get(role, {}))
-        return b
-
-    tp = getattr(cfg.rollout, "tensor_parallel_size", 1)
-    roles = {
-        "rollout": RolePlan("rollout", [bundle("rollout", tp)] * cfg.rollout.num_workers, "PACK"),
-        "reward": RolePlan("reward", [bundle("reward", 1)] * cfg.reward.num_workers, "PACK"),
-        "reference": RolePlan("reference", [bundle("reference", 1)] * cfg.reference.num_workers, "PACK"),
-        "learner": RolePlan("learner", [bundle("learner", 1)] * cfg.learner.num_workers, "PACK"),
+    counts = {
+        "rollout": cfg.rollout.num_workers,
+        "reward": cfg.reward.num_workers,
+        "reference": cfg.reference.num_workers,
+        "learner": cfg.learner.num_workers,
     }
     if cfg.algo.name == "ppo":
-        roles["critic"] = RolePlan("critic", [bundle("critic", 1)] * cfg.learner.num_workers, "PACK")
-    return ResourcePlan(device=device, roles=roles)
+        counts["critic"] = cfg.learner.num_workers
+    gpus = {role: float(cfg.rollout.tensor_parallel_size if role == "rollout" else 1) for role in counts}
+
+    def bundle(roles: list[str]) -> dict[str, float]:
+        out = {"CPU": 1.0}
+        if gpu:
+            out["GPU"] = max(gpus[r] for r in roles)
+        for role in roles:
+            for key, amount in cfg.placement.resources.get(role, {}).items():
+                out[key] = max(out.get(key, 0.0), amount)
+        return out
+
+    colocated = [[r for r in group if r in counts] for group in cfg.placement.colocate]
+    grouped = {r for group in colocated for r in group}
+    units = [group for group in colocated if group] + [[r] for r in counts if r not in grouped]
+    roles, groups = {}, {}
+    for members in units:
+        name = "+".join(members)
+        n = max(counts[r] for r in members)
+        groups[name] = [bundle(members)] * n
+        for role in members:
+            roles[role] = RolePlan(role, name, groups[name][: counts[role]], share=1.0 / len(members))
+    return ResourcePlan(device=device, roles={r: roles[r] for r in ROLES if r in roles}, groups=groups)
 
 
-def reserve(role_plan: RolePlan, *, timeout_s: float = 120.0):
-    """Create and wait for the role's placement group; a clear error names the missing resources."""
+def reserve(resource_plan: ResourcePlan, *, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Create every placement group of the plan and wait for it; -> group name -> placement group.
+    A clear error names the group, its bundles and what the cluster has free."""
     import ray
     from ray.util.placement_group import placement_group
 
-    pg = placement_group(role_plan.bundles, strategy=role_plan.strategy, name=f"raylign-{role_plan.role}")
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
+    made: dict[str, Any] = {}
+    for name, bundles in resource_plan.groups.items():
+        # Learners all-reduce every step: keep them on one node when it fits (PACK falls back to spreading).
+        pg = placement_group(bundles, strategy="PACK", name=f"raylign-{name}")
+        made[name] = pg
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            free = ray.available_resources()
+            release(made)
+            raise RuntimeError(
+                f"could not place {name} ({len(bundles)} bundles of {bundles[0]}) within {timeout_s:.0f} s; "
+                f"the cluster has free: {', '.join(f'{k}={v:g}' for k, v in sorted(free.items()) if '_group_' not in k)}"
+            ) from None
+    return made
+
+
+def release(groups: dict[str, Any]) -> None:
+    import ray
+
+    for pg in groups.values():
         ray.util.remove_placement_group(pg)
-        raise RuntimeError(
-            f"could not place {role_plan.count} {role_plan.role} actor(s) with bundles {role_plan.bundles} "
-            f"within {timeout_s:.0f} s; the cluster has {ray.available_resources()}"
-        ) from None
-    return pg
 
 
-def spawn(cls: type, role_plan: RolePlan, pg, args_per_actor: list[tuple], kwargs: dict | None = None) -> list:
-    """Make `cls` a Ray actor and start one per bundle of `pg`, actor i in bundle i."""
+def spawn(cls: type, role_plan: RolePlan, groups: dict[str, Any], args_per_actor: list[tuple], kwargs=None) -> list:
+    """Make `cls` a Ray actor and start one per bundle of the role, actor i in bundle i of its group."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if len(args_per_actor) != role_plan.count:
         raise ValueError(f"{role_plan.role}: {len(args_per_actor)} argument sets for {role_plan.count} bundles")
+    pg = groups[role_plan.group]
     actors = []
-    for i, (args, bundle) in enumerate(zip(args_per_actor, role_plan.bundles, strict=True)):
-        remote_cls = ray.remote(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0))(cls)
+    for i, args in enumerate(args_per_actor):
         strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
-        actors.append(remote_cls.options(scheduling_strategy=strategy).remote(*args, **(kwargs or {})))
+        options = {**role_plan.actor_resources(i), "scheduling_strategy": strategy}
+        actors.append(ray.remote(cls).options(**options).remote(*args, **(kwargs or {})))
     return actors

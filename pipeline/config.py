@@ -218,6 +218,33 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1, description="Complete checkpoints kept in the run dir.")
 
 
+Role = Literal["rollout", "reward", "reference", "learner", "critic"]
+
+
+class PlacementConfig(Section):
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="Plan for CPUs or GPUs; auto: GPU if Ray has one.")
+    resources: dict[Role, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Extra (custom) Ray resources each actor of a role needs, e.g. {rollout: {inference_node: 1}} to "
+        "put rollout engines on nodes started with that resource.",
+    )
+    colocate: list[list[Role]] = Field(
+        default_factory=list,
+        description="Groups of roles that share bundles: actor i of each role in a group goes into bundle i and "
+        "takes an equal share of its CPU/GPU, e.g. [[reward, reference]].",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="How long to wait for the cluster to place a role's actors.")
+
+    @model_validator(mode="after")
+    def _roles_once(self) -> PlacementConfig:
+        roles = [r for group in self.colocate for r in group]
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"colocate: a role appears in two groups: {self.colocate}")
+        if any(len(group) < 2 for group in self.colocate):
+            raise ValueError(f"colocate: each group needs at least 2 roles: {self.colocate}")
+        return self
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     stages: list[Stage] = Field(default_factory=lambda: ["synth", "sft", "reward", "rl"], min_length=1)
@@ -231,6 +258,7 @@ class Config(Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

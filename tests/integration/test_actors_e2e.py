@@ -10,7 +10,7 @@ from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
 from actors.weight_sync import broadcast_weights
-from cluster.plan import plan, reserve, spawn
+from cluster.plan import plan, release, reserve, spawn
 from pipeline.algo import grpo_advantages
 from pipeline.config import load_config
 from pipeline.types import PromptBatch, TrainBatch
@@ -34,21 +34,19 @@ def roles(local_ray, task_dir):
     ])
     resource_plan = plan(cfg)
     policy_dir = task_dir / "models/policy"
-    groups = {role: reserve(rp) for role, rp in resource_plan.roles.items()}
-    rollout = spawn(RolloutWorker, resource_plan.roles["rollout"], groups["rollout"], [(cfg.rollout, policy_dir)],
-                    {"seed": 0})[0]
-    reward = spawn(RewardWorker, resource_plan.roles["reward"], groups["reward"], [(cfg.reward,)])[0]
-    reference = spawn(ReferenceWorker, resource_plan.roles["reference"], groups["reference"],
-                      [(cfg.reference, policy_dir)])[0]
+    groups = reserve(resource_plan)
+    roles = resource_plan.roles
+    rollout = spawn(RolloutWorker, roles["rollout"], groups, [(cfg.rollout, policy_dir)], {"seed": 0})[0]
+    reward = spawn(RewardWorker, roles["reward"], groups, [(cfg.reward,)])[0]
+    reference = spawn(ReferenceWorker, roles["reference"], groups, [(cfg.reference, policy_dir)])[0]
     learners = LearnerGroup(PolicyLearner, cfg.learner, cfg.algo, policy_dir, seed=0,
-                            placement_group=groups["learner"])
+                            placement_group=groups[roles["learner"].group], **roles["learner"].actor_resources(0))
     ray.get([rollout.setup.remote(), reward.setup.remote(), reference.setup.remote()])
     learners.setup()
     _GROUPS[id(learners)] = groups
     yield rollout, reward, reference, learners
     learners.shutdown()
-    for pg in groups.values():
-        ray.util.remove_placement_group(pg)
+    release(groups)
 
 
 def test_actors_land_in_their_placement_groups(roles):
