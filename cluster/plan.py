@@ -111,11 +111,11 @@ def reserve(resource_plan: ResourcePlan, *, timeout_s: float = 120.0) -> dict[st
         try:
             ray.get(pg.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
-            free = ray.available_resources()
+            free = {k: v for k, v in ray.available_resources().items() if "_group_" not in k}
             release(made)
             raise RuntimeError(
                 f"could not place {name} ({len(bundles)} bundles of {bundles[0]}) within {timeout_s:.0f} s; "
-                f"the cluster has free: {', '.join(f'{k}={v:g}' for k, v in sorted(free.items()) if '_group_' not in k)}"
+                f"the cluster has free: {', '.join(f'{k}={v:g}' for k, v in sorted(free.items()))}"
             ) from None
     return made
 

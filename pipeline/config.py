@@ -222,7 +222,9 @@ Role = Literal["rollout", "reward", "reference", "learner", "critic"]
 
 
 class PlacementConfig(Section):
-    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="Plan for CPUs or GPUs; auto: GPU if Ray has one.")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Plan for CPUs or GPUs; auto: GPU when the Ray cluster has one."
+    )
     resources: dict[Role, dict[str, float]] = Field(
         default_factory=dict,
         description="Extra (custom) Ray resources each actor of a role needs, e.g. {rollout: {inference_node: 1}} to "
