@@ -122,13 +122,15 @@ class PolicyLearner:
             agg=self.algo.loss_agg,
             is_weights=is_weights,
         )
-        if self.algo.kl.mode == "loss" and self.algo.kl.coef > 0:
+        # The batch carries the step's coefficient when a KL controller adapts it.
+        coef = self.algo.kl.coef if mb.kl_coef is None else mb.kl_coef
+        if self.algo.kl.mode == "loss" and coef > 0:
             if mb.ref_logprobs is None:
                 raise ValueError("algo.kl.mode=loss needs ref_logprobs in the TrainBatch")
             kl = kl_loss(
                 logprobs, mb.ref_logprobs, mb.response_mask, kind=self.algo.kl.estimator, agg=self.algo.loss_agg
             )
-            loss = loss + self.algo.kl.coef * kl
+            loss = loss + coef * kl
             metrics["loss/kl"] = kl.item()
         metrics["loss/total"] = loss.item()
         return loss, metrics

@@ -40,7 +40,7 @@ class Sample:
 
 
 class Engine(Protocol):
-    def sample(self, prompts: list[str], n: int) -> list[Sample]:
+    def sample(self, prompts: list[str], n: int, seed: int | None = None) -> list[Sample]:
         """len(prompts) * n samples, the n samples of one prompt consecutive, in prompt order."""
         ...
 
@@ -74,20 +74,26 @@ class VLLMEngine:
             **(_gpu_engine_args(cfg) if on_gpu else _cpu_engine_args(cfg)),
         )
 
-    def sample(self, prompts: list[str], n: int) -> list[Sample]:
+    def sample(self, prompts: list[str], n: int, seed: int | None = None) -> list[Sample]:
         from vllm import SamplingParams
 
         # logprobs=0: only the sampled token's logprob (in `logprobs_mode`), no top-k alternatives.
         # detokenize=False: the worker decodes for both backends alike (vLLM's incremental detokenizer would
         # drop a trailing partial UTF-8 character that tokenizer.decode keeps).
-        params = SamplingParams(
-            n=n,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            max_tokens=self.cfg.max_new_tokens,
-            logprobs=0,
-            detokenize=False,
-        )
+        # A seed per prompt (seed + i) makes a batch's samples independent of what the engine sampled before,
+        # so a resumed run draws the same samples as an uninterrupted one.
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens,
+                logprobs=0,
+                detokenize=False,
+                seed=None if seed is None else seed + i,
+            )
+            for i in range(len(prompts))
+        ]
         samples = []
         for out in self.llm.generate(prompts, params, use_tqdm=False):
             for c in out.outputs:
@@ -146,7 +152,9 @@ class HFEngine:
         torch.manual_seed(seed)
 
     @torch.inference_mode()
-    def sample(self, prompts: list[str], n: int) -> list[Sample]:
+    def sample(self, prompts: list[str], n: int, seed: int | None = None) -> list[Sample]:
+        if seed is not None:
+            torch.manual_seed(seed)
         rows = [self.tokenizer(p).input_ids for p in prompts for _ in range(n)]
         prompt_ids, prompt_mask = pad_left(rows, self.pad_id)
         device = self.model.device
@@ -215,7 +223,7 @@ class RolloutWorker:
     def generate(self, batch: PromptBatch) -> Rollouts:
         """P prompts -> B = P * G rollouts, the G samples of a prompt consecutive; CPU tensors."""
         g = batch.samples_per_prompt
-        samples = self._engine.sample(batch.prompts, g)
+        samples = self._engine.sample(batch.prompts, g, batch.seed)
         prompt_ids, prompt_mask = pad_left([s.prompt_ids for s in samples], self._pad_id)
         response_ids, response_mask = pad_right([s.token_ids for s in samples], self._pad_id, torch.long)
         rollout_logprobs, _ = pad_right([s.logprobs for s in samples], 0.0, torch.float32)

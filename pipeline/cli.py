@@ -56,6 +56,20 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 2 if report.bad else 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.run import Interrupted, run
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        run_dir = run(cfg, resume=Path(args.resume) if args.resume else None)
+    except Interrupted as e:
+        print(f"raylign: {e}; resume with: raylign run {args.config} --resume <run dir>", file=sys.stderr)
+        return e.exit_code
+    print(run_dir)
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from pipeline.config import load_config, to_yaml
 
@@ -107,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="response length limit (default: data.max_response_tokens)",
     )
     check.set_defaults(func=cmd_data_check)
+
+    run = commands.add_parser(
+        "run", help="run the configured stages on a local Ray (or the cluster in RAY_ADDRESS)",
+        description="Run every stage of CONFIG in order into a new run dir (<run.output_dir>/<run.name>-<time>), "
+        "whose path is the last line printed. Exit 130/143 on SIGINT/SIGTERM after checkpointing the RL step "
+        "that finished; --resume RUN_DIR continues from the last complete checkpoint.",
+    )
+    run.add_argument("config", metavar="CONFIG")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.max_steps=5 algo.kl.coef=0.1")
+    run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run dir (its saved config)")
+    run.set_defaults(func=cmd_run)
 
     config = commands.add_parser("config", help="inspect configs").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND"

@@ -28,6 +28,9 @@ class RunConfig(Section):
     max_steps: int = Field(20, ge=1, description="RL steps (policy updates) in the `rl` stage.")
     checkpoint_every: int = Field(10, ge=1, description="Write a checkpoint every this many RL steps.")
     max_bad_steps: int = Field(3, ge=1, description="Stop after this many non-finite updates in a row.")
+    eval_prompts: int = Field(
+        64, ge=1, description="Held-out (test split) prompts sampled before and after RL to measure the gold reward."
+    )
 
 
 class SynthConfig(Section):
@@ -70,6 +73,12 @@ class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1, description="Rollout actors (one engine each).")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per RL step (P).")
     samples_per_prompt: int = Field(4, ge=1, description="Responses sampled per prompt (G).")
+    chunk_size: int = Field(
+        8,
+        ge=1,
+        description="Prompts per experience chunk: generation, scoring and reference logprobs run chunk by chunk "
+        "as a pipeline, so the stages overlap within a step.",
+    )
     max_new_tokens: int = Field(32, ge=1, description="Longest generated response, in tokens.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -247,6 +256,63 @@ class PlacementConfig(Section):
         return self
 
 
+class SftConfig(Section):
+    """The `sft` stage: next-token loss on the demonstrations' response tokens, on Ray Train. The optimizer and
+    engine settings not listed here (betas, warmup, ZeRO stage, micro-batch, workers) come from `learner`."""
+
+    lr: float = Field(1e-3, gt=0, description="Learning rate (AdamW) of supervised fine-tuning.")
+    epochs: int = Field(2, ge=1, description="Passes over the training demonstrations.")
+    batch_size: int = Field(32, ge=1, description="Demonstrations per optimizer update, over all workers together.")
+    max_failures: int = Field(
+        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
+    )
+    eval_samples: int = Field(4, ge=1, description="Responses sampled per held-out prompt for sft/gold_reward.")
+
+
+class RewardTrainConfig(Section):
+    """The `reward` stage: Bradley-Terry reward models from preferences, on Ray Train (`reward.ensemble_size`
+    members). Engine settings not listed here come from `learner`."""
+
+    lr: float = Field(3e-4, gt=0, description="Learning rate (AdamW) of reward-model training.")
+    epochs: int = Field(3, ge=1, description="Passes over the training preference pairs, per ensemble member.")
+    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer update, over all workers together.")
+    bootstrap: bool = Field(
+        False, description="Train each ensemble member on a bootstrap resample (Poisson(1) copies of each pair)."
+    )
+    max_failures: int = Field(
+        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
+    )
+
+
+class DpoConfig(Section):
+    """The `dpo` stage: DPO / IPO / cDPO against the policy before the stage, on Ray Train. Engine settings not
+    listed here come from `learner`."""
+
+    beta: float = Field(0.1, gt=0, description="KL strength beta (the IPO paper's tau for loss_type=ipo).")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="`sigmoid`: DPO (Rafailov et al. 2023); `ipo`: IPO (Azar et al. 2023)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped preference labels (sigmoid loss only)."
+    )
+    lr: float = Field(1e-4, gt=0, description="Learning rate (AdamW) of DPO.")
+    epochs: int = Field(2, ge=1, description="Passes over the training preference pairs.")
+    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer update, over all workers together.")
+    max_failures: int = Field(
+        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
+    )
+    eval_samples: int = Field(4, ge=1, description="Sample pairs per held-out prompt for dpo/gold_win_rate.")
+
+    @model_validator(mode="after")
+    def _smoothing_needs_sigmoid(self) -> DpoConfig:
+        if self.label_smoothing != 0 and self.loss_type != "sigmoid":
+            raise ValueError(
+                f"dpo.label_smoothing = {self.label_smoothing} is only defined for loss_type=sigmoid "
+                f"(got loss_type={self.loss_type})"
+            )
+        return self
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     stages: list[Stage] = Field(default_factory=lambda: ["synth", "sft", "reward", "rl"], min_length=1)
@@ -261,6 +327,9 @@ class Config(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    rm: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

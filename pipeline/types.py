@@ -19,6 +19,7 @@ class PromptBatch:
 
     prompts: list[str]  # [P]
     samples_per_prompt: int  # G
+    seed: int | None = None  # sampling seed of this batch: the same seed and weights give the same samples
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class TrainBatch:
     rollout_logprobs: Tensor | None = None  # [B, T], for mismatch metrics and truncated IS weights
     returns: Tensor | None = None  # [B, T], PPO critic targets
     old_values: Tensor | None = None  # [B, T], PPO value clipping
+    kl_coef: float | None = None  # this step's KL-loss coefficient (algo.kl.mode=loss); None: the config's
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

@@ -1,0 +1,157 @@
+"""`raylign run`: start (or join) Ray, make the run dir, run the configured stages in order, export the models,
+write summary.json, and return the run dir. A resumed run skips the stages it finished and continues the
+interrupted one from its last complete checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, load_config, to_yaml
+from pipeline.errors import UserError
+from pipeline.stages import Artifacts, StageContext, stage_function
+
+SUMMARY = "summary.json"
+# Per-file progress bars of tokenizers/transformers in every actor would bury the run's own progress line.
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the stage wrote a checkpoint if it had state to save."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks the running stage to stop at its next clean point (the RL
+    loop checkpoints the step it finished, then returns); a second SIGINT stops at once."""
+
+    def __init__(self, log):
+        self.signum: int | None = None
+        self.log = log
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"run: {signal.Signals(signum).name}: stopping after the current step (Ctrl-C again: now)")
+
+    def requested(self) -> int | None:
+        return self.signum
+
+
+def start_ray(cfg: Config, min_cpus: float = 8) -> None:
+    """Join the cluster in RAY_ADDRESS, else start a local Ray bound to 127.0.0.1 with enough logical CPUs for
+    the resource plan (on a 2-core machine the actors mostly wait on each other, so oversubscribing is fine)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    from cluster.plan import plan
+
+    need = plan(cfg).total().get("CPU", 0.0) + 2  # + Ray Data and Ray Train coordinators
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.init(
+        num_cpus=int(max(min_cpus, need, os.cpu_count() or 1)),
+        runtime_env={"env_vars": QUIET_ENV},
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+def new_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return run_dir.resolve()
+
+
+def resume_run_dir(run_dir: Path) -> tuple[Path, Config]:
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not a run dir (no config.yaml)")
+    return run_dir.resolve(), load_config(run_dir / "config.yaml")
+
+
+def run(cfg: Config, *, resume: Path | None = None, log=print) -> Path:
+    """Run every stage of `cfg` (or of the resumed run dir's saved config); -> the run dir."""
+    if resume is not None:
+        run_dir, cfg = resume_run_dir(resume)
+        log(f"run: resuming {run_dir} with its saved config.yaml")
+    else:
+        run_dir = new_run_dir(cfg)
+        log(f"run: {run_dir}")
+    stop = StopRequest(log)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_stages(cfg, run_dir, log, stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_stages(cfg: Config, run_dir: Path, log, stop: StopRequest) -> Path:
+    start_ray(cfg)
+    artifacts = Artifacts.load(run_dir)
+    summary = read_summary(run_dir)
+    started = time.perf_counter()
+    for stage in cfg.stages:
+        if stage in artifacts.done:
+            log(f"run: stage {stage} finished before; skipped")
+            continue
+        log(f"run: stage {stage} ({cfg.stages.index(stage) + 1}/{len(cfg.stages)})")
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, artifacts=artifacts, log=log, stop=stop.requested)
+        summary.update(stage_function(stage)(ctx))
+        if stop.requested():
+            write_summary(run_dir, summary)
+            raise Interrupted(stop.requested())
+        artifacts.done.append(stage)
+        artifacts.save(run_dir)
+        write_summary(run_dir, summary)
+    export_models(run_dir, artifacts)
+    summary["wall_s"] = summary.get("wall_s", 0.0) + time.perf_counter() - started
+    write_summary(run_dir, summary)
+    return run_dir
+
+
+def export_models(run_dir: Path, artifacts: Artifacts) -> None:
+    """models/policy and models/reward: HF dirs of the final policy and reward model (members as reward-k)."""
+    models = run_dir / "models"
+    targets = []
+    if artifacts.policy:
+        targets.append((Path(artifacts.policy), models / "policy"))
+    for k, path in enumerate(artifacts.reward):
+        targets.append((Path(path), models / ("reward" if k == 0 else f"reward-{k}")))
+    for source, target in targets:
+        if source.resolve() != target.resolve():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    tmp = run_dir / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, run_dir / SUMMARY)
