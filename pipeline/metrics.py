@@ -41,12 +41,18 @@ class MetricsLog:
 
     def progress_line(self, metrics: dict[str, Any]) -> str:
         step = int(metrics["step"])
-        if self._first_step is None:
-            self._first_step = step - 1
+        parts = [f"[{self.stage}] step {step}/{self.total_steps}"]
+        if "eval/prompts" in metrics:  # an evaluation row, not a training step
+            parts.append("eval")
+            for key, value in metrics.items():
+                if key.startswith("eval/") and key != "eval/prompts":
+                    parts.append(f"{key.removeprefix('eval/')} {value:+.4f}")
+            return "  ".join(parts)
+        if self._first_step is None:  # the ETA counts from the first step this process ran
+            self._first_step, self._started = step - 1, time.monotonic() - float(metrics.get("timing/step", 0.0))
         done = step - self._first_step
-        elapsed = time.monotonic() - self._started
-        eta = elapsed / max(done, 1) * (self.total_steps - step)
-        parts = [f"[{self.stage}] step {step}/{self.total_steps}", f"eta {eta:4.0f}s"]
+        eta = (time.monotonic() - self._started) / max(done, 1) * (self.total_steps - step)
+        parts.append(f"eta {eta:4.0f}s")
         for key, label in (("reward/mean", "reward"), ("gold_reward/mean", "gold"), ("kl/ref", "kl")):
             if key in metrics:
                 parts.append(f"{label} {metrics[key]:+.4f}")
