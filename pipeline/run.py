@@ -20,7 +20,13 @@ from pipeline.stages import Artifacts, StageContext, stage_function
 
 SUMMARY = "summary.json"
 # Per-file progress bars of tokenizers/transformers in every actor would bury the run's own progress line.
-QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+QUIET_ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+}
 
 
 class Interrupted(Exception):
