@@ -69,10 +69,19 @@ class ModelConfig(Section):
 
 
 class RolloutConfig(Section):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
     engine: Literal["vllm", "hf"] = Field("vllm", description="Generation backend: vLLM, or transformers generate.")
     num_workers: int = Field(1, ge=1, description="Rollout actors (one engine each).")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per RL step (P).")
     samples_per_prompt: int = Field(4, ge=1, description="Responses sampled per prompt (G).")
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Generate the next steps' samples while the learners train (off-policy by up to max_staleness "
+        "updates; pair it with algo.tis_cap). Default: on-policy, each step samples with the newest weights.",
+    )
+    max_staleness: int = Field(1, ge=1, description="Async mode: how many steps generation may run ahead.")
     chunk_size: int = Field(
         8,
         ge=1,
@@ -414,7 +423,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
 def describe_validation_error(e: ValidationError) -> str:

@@ -5,13 +5,19 @@ reference (-> critic) as chained actor calls, so chunk k+1 is generated while ch
 joins the chunks into advantages and one shard per learner; the learners update; the new weights go to every
 rollout engine (version = step). The driver holds object refs and metrics, never a step's tensors.
 
-Sync (on-policy) mode: every step samples with the weights of the step before.
+Sync (on-policy) mode: every step samples with the weights of the step before. Async mode
+(`rollout.async=true`): the experience of the next `rollout.max_staleness` steps is launched before this step
+trains, so generation overlaps training and samples are up to that many updates old; the learners' clipped
+ratio against the rollout logprobs, and `algo.tis_cap` (truncated importance weights), correct for it.
+A resumed async run is not bit-identical to an uninterrupted one (the prefetched samples are redrawn with the
+checkpoint's weights); a resumed sync run is.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +75,10 @@ class PromptStream:
         self.batch_in_epoch += 1
         return list(batch["prompt"])
 
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it consumed): where a resume continues."""
+        return self.epoch, self.batch_in_epoch
+
     def close(self) -> None:
         # A live Ray Data iterator finalized after ray.shutdown() would try to start Ray again at exit.
         self._iter = None
@@ -87,14 +97,14 @@ class StepTimer:
     def wait(self, stage: str, refs: list) -> None:
         if refs:
             ray.wait(refs, num_returns=len(refs), fetch_local=False)
-        self._charge(stage)
+        self.charge(stage)
 
     def call(self, stage: str, fn, *args):
         out = fn(*args)
-        self._charge(stage)
+        self.charge(stage)
         return out
 
-    def _charge(self, stage: str) -> None:
+    def charge(self, stage: str) -> None:
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.mark
         self.mark = now
@@ -139,12 +149,19 @@ def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[dict[str, 
         stream.start(state.epoch, state.batch_in_epoch)
         if state.step == 0:
             yield {"step": 0, **roles.evaluate(stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed)}
+        ahead = cfg.rollout.max_staleness if cfg.rollout.async_ else 0
+        pending: deque[tuple[list, tuple[int, int]]] = deque()  # launched experience: (chunks, data position)
         for step in range(state.step + 1, cfg.run.max_steps + 1):
             timer = StepTimer()
-            # step 1. the next P prompts from the Ray Data stream
-            prompts = timer.call("data", stream.next)
-            # step 2. generate -> score -> reference logprobs (-> values), chained per chunk so stages overlap
-            chunks = roles.experience(prompts, seed=step_seed(cfg, step))
+            # step 1. the next P prompts from the Ray Data stream, launched through generate -> score ->
+            # reference (-> values), chained per chunk so stages overlap; async mode launches `ahead` more steps,
+            # which then sample while this step trains
+            for launch in range(step + len(pending), min(step + ahead, cfg.run.max_steps) + 1):
+                prompts = stream.next()
+                pending.append((roles.experience(prompts, seed=step_seed(cfg, launch)), stream.position()))
+            chunks, position = pending.popleft()
+            timer.charge("data")
+            # step 2. wait for this step's experience, stage by stage
             for stage in ("gen", "reward", "ref", "values"):
                 timer.wait(stage, [getattr(c, stage) for c in chunks if getattr(c, stage) is not None])
             # step 3. advantages and one shard per learner, in a Ray task
@@ -161,7 +178,7 @@ def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[dict[str, 
             metrics["samples_per_s"] = metrics["samples"] / metrics["timing/step"]
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["timing/step"]
             # step 7. checkpoint
-            state = RLState(step, stream.epoch, stream.batch_in_epoch, kl_ctl.state_dict())
+            state = RLState(step, *position, kl_ctl.state_dict())
             if step % cfg.run.checkpoint_every == 0 or step == cfg.run.max_steps or (stop and stop()):
                 roles.save_checkpoint(ckpt_root, asdict(state), keep=cfg.checkpoint.keep)
             yield metrics
