@@ -270,7 +270,7 @@ class SftConfig(Section):
     engine settings not listed here (betas, warmup, ZeRO stage, micro-batch, workers) come from `learner`."""
 
     lr: float = Field(1e-3, gt=0, description="Learning rate (AdamW) of supervised fine-tuning.")
-    epochs: int = Field(2, ge=1, description="Passes over the training demonstrations.")
+    epochs: int = Field(4, ge=1, description="Passes over the training demonstrations.")
     batch_size: int = Field(32, ge=1, description="Demonstrations per optimizer update, over all workers together.")
     max_failures: int = Field(
         1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
@@ -282,6 +282,11 @@ class RewardTrainConfig(Section):
     """The `reward` stage: Bradley-Terry reward models from preferences, on Ray Train (`reward.ensemble_size`
     members). Engine settings not listed here come from `learner`."""
 
+    init: Literal["task", "policy"] = Field(
+        "task",
+        description="Start each member from `task`: the synthetic task's reward model when the run has one (else the "
+        "policy), or from `policy`: the current policy (e.g. the SFT model, as in InstructGPT) with a new head.",
+    )
     lr: float = Field(3e-4, gt=0, description="Learning rate (AdamW) of reward-model training.")
     epochs: int = Field(3, ge=1, description="Passes over the training preference pairs, per ensemble member.")
     batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer update, over all workers together.")
@@ -304,8 +309,8 @@ class DpoConfig(Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped preference labels (sigmoid loss only)."
     )
-    lr: float = Field(1e-4, gt=0, description="Learning rate (AdamW) of DPO.")
-    epochs: int = Field(2, ge=1, description="Passes over the training preference pairs.")
+    lr: float = Field(1e-5, gt=0, description="Learning rate (AdamW) of DPO.")
+    epochs: int = Field(1, ge=1, description="Passes over the training preference pairs.")
     batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer update, over all workers together.")
     max_failures: int = Field(
         1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."

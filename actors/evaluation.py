@@ -1,0 +1,73 @@
+"""Small evaluations of the offline stages, run as Ray tasks: gold reward of policy samples and held-out preference
+accuracy of reward models. They reuse the roles' own code paths (the HF rollout engine, the reward-model scorer),
+so what is measured is what the RL stage will see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.offline import pair_logprobs, pair_sequence_batch
+from actors.reference import load_frozen_model
+from actors.reward import ModelScorer, import_reward_function
+from actors.rollout import RolloutWorker
+from actors.sequences import response_logprobs
+from pipeline.algo import ensemble_mean_std
+from pipeline.config import RolloutConfig
+from pipeline.types import PromptBatch
+
+Tensor = torch.Tensor
+EVAL_PAIRS = 32  # pairs per forward pass
+
+
+def sample_gold(
+    rollout: RolloutConfig, model_dir: str, prompts: list[str], samples_per_prompt: int, seed: int, gold: str
+) -> list[float]:
+    """Gold reward of `samples_per_prompt` responses per prompt sampled from `model_dir` with transformers generate
+    at temperature 1: [P * G], the G samples of a prompt consecutive."""
+    cfg = rollout.model_copy(update={"engine": "hf", "temperature": 1.0, "top_p": 1.0})
+    worker = RolloutWorker(cfg, Path(model_dir), seed=seed)
+    worker.setup()
+    rollouts = worker.generate(PromptBatch(prompts, samples_per_prompt, seed=seed))
+    return [float(x) for x in import_reward_function(gold)(rollouts.prompts, rollouts.responses)]
+
+
+def pair_accuracy(chosen: Tensor, rejected: Tensor) -> float:
+    """Share of pairs whose chosen response scores higher, ties counted half. chosen, rejected: [B]."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+
+
+def preference_accuracy(
+    model_dirs: list[str], micro_batch_size: int, prompts: list[str], chosen: list[str], rejected: list[str]
+) -> dict[str, float]:
+    """Held-out accuracy of each of K reward models and of their ensemble mean (the reward RL optimizes)."""
+    scorer = ModelScorer([Path(d) for d in model_dirs], micro_batch_size)
+    chosen_scores, rejected_scores = scorer.score(prompts, chosen), scorer.score(prompts, rejected)  # [K, B]
+    members = [pair_accuracy(c, r) for c, r in zip(chosen_scores, rejected_scores, strict=True)]
+    ensemble = pair_accuracy(ensemble_mean_std(chosen_scores)[0], ensemble_mean_std(rejected_scores)[0])
+    return {"member_mean": sum(members) / len(members), "ensemble": ensemble}
+
+
+def implicit_reward_accuracy(
+    policy_dir: str, reference_dir: str, loss_type: str, prompts: list[str], chosen: list[str], rejected: list[str]
+) -> float:
+    """Held-out accuracy of DPO's implicit reward log pi(y|x) - log pi_ref(y|x) (sequence logprobs as the loss
+    took them): the share of pairs it orders as the labels do, ties half."""
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    margins = []
+    for model_dir, sign in ((policy_dir, 1.0), (reference_dir, -1.0)):
+        model = load_frozen_model(AutoModelForCausalLM, Path(model_dir))
+        device, parts = next(model.parameters()).device, []
+        with torch.inference_mode():
+            for s in range(0, len(prompts), EVAL_PAIRS):
+                rows = slice(s, s + EVAL_PAIRS)
+                batch = pair_sequence_batch(tokenizer, prompts[rows], chosen[rows], rejected[rows])
+                fields = [t.to(device) for t in (batch.prompt_ids, batch.prompt_mask, batch.response_ids)]
+                logprobs = response_logprobs(model, *fields, batch.response_mask.to(device)).float().cpu()
+                c, r = pair_logprobs(logprobs, batch.response_mask, loss_type)
+                parts.append(sign * (c - r))
+        margins.append(torch.cat(parts))
+    margin = margins[0] + margins[1]
+    return pair_accuracy(margin, torch.zeros_like(margin))

@@ -1,0 +1,325 @@
+"""Offline training on Ray Train: the per-worker loops of the `sft`, `reward` and `dpo` stages.
+
+Each Ray Train worker is one data-parallel rank with a DeepSpeed (or plain torch) engine from actors.engine, in the
+process group Ray Train set up. Rows arrive as clean strings from `ray.train.get_dataset_shard`; a rank tokenizes
+its share of each global batch (`batch_size / world_size` rows) and takes one optimizer update with
+`accumulate_update`, so an update is the full-batch one whatever the number of workers.
+
+After every epoch each rank saves its part of the engine checkpoint and reports it to Ray Train, which merges the
+parts; a worker group restarted under the FailureConfig resumes from the last one. Rank 0 puts one record per
+epoch on a queue that the driver prints. Pairs (reward, dpo) are interleaved: row 2i is pair i's chosen response,
+row 2i+1 its rejected one, so micro-batches of an even number of rows never split a pair.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from actors.engine import TrainEngine, accumulate_update, build_engine, mean_metrics, save_hf, to_device
+from actors.reference import load_frozen_model
+from actors.reward import reward_model_inputs, reward_model_scores
+from actors.rollout import pad_token_id
+from actors.sequences import response_logprobs
+from pipeline.algo import aggregate_loss, bt_loss, dpo_loss, masked_mean, masked_sum
+from pipeline.config import DpoConfig, LearnerConfig
+from pipeline.types import pad_left, pad_right
+
+Tensor = torch.Tensor
+
+STATE = "offline_state.json"  # in each checkpoint: {"member": k, "epochs_done": e}
+SHUFFLE_ROWS = 4096  # local shuffle buffer: the whole of a tiny dataset, a window of a large one
+# A pair loss is a mean over pairs: "seq-mean-token-mean" makes accumulate_update weigh micro-batches by rows.
+PAIR_AGG = "seq-mean-token-mean"
+# Sequence logprob of a response under each DPO loss: summed (DPO), or averaged over tokens (IPO, as in the paper).
+SEQUENCE_LOGPROBS: dict[str, Callable[..., Tensor]] = {"sigmoid": masked_sum, "ipo": masked_mean}
+
+
+@dataclass(frozen=True)
+class OfflineJob:
+    """What every worker of one offline stage gets: its slice of the config and the paths."""
+
+    stage: str  # "sft", "reward" or "dpo": the prefix of progress lines
+    learner: LearnerConfig  # with the stage's lr and epochs
+    init_dir: str  # the model to start from
+    tokenizer_dir: str
+    out_dir: str  # the exported HF dir; for the reward stage the parent of member-k dirs
+    batch_size: int  # rows (demos or pairs) per optimizer update, over all workers
+    seed: int
+    progress: Any = None  # ray.util.queue.Queue of per-epoch records, read by the driver
+    members: int = 1  # reward: ensemble members, trained one after the other
+    datasets: tuple[str, ...] = ("train",)  # dataset name per member (bootstrap: one resample each)
+    reference_dir: str | None = None  # dpo: the frozen reference policy
+    dpo: DpoConfig | None = None
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """B (prompt, response) token sequences in the layout actors.sequences takes."""
+
+    prompt_ids: Tensor  # [B, Tp] int64, left-padded
+    prompt_mask: Tensor  # [B, Tp] bool
+    response_ids: Tensor  # [B, T] int64, right-padded; each response ends with EOS
+    response_mask: Tensor  # [B, T] bool
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """2B reward-model inputs in the DESIGN.md convention, pairs interleaved (chosen at 2i, rejected at 2i+1)."""
+
+    input_ids: Tensor  # [2B, L] int64, padded on the tokenizer's side
+    attention_mask: Tensor  # [2B, L]
+
+    @property
+    def response_mask(self) -> Tensor:
+        """accumulate_update counts its units (rows, under PAIR_AGG) through this name."""
+        return self.attention_mask.bool()
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+# ---- collation: strings -> token tensors (pure, unit-tested) ----
+
+
+def interleave(a: list[str], b: list[str]) -> list[str]:
+    """[a0, b0, a1, b1, ...]."""
+    return [x for pair in zip(a, b, strict=True) for x in pair]
+
+
+def sequence_batch(tokenizer, prompts: list[str], responses: list[str]) -> SequenceBatch:
+    """Prompts as generation sees them (special tokens added: BOS), responses without special tokens plus EOS, so
+    the model learns to stop. Tokenized separately, as a rollout engine produces them."""
+    pad = pad_token_id(tokenizer)
+    prompt_ids, prompt_mask = pad_left([tokenizer(p).input_ids for p in prompts], pad)
+    rows = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in responses]
+    response_ids, response_mask = pad_right(rows, pad, torch.long)
+    return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+def pair_sequence_batch(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str]) -> SequenceBatch:
+    return sequence_batch(tokenizer, interleave(prompts, prompts), interleave(chosen, rejected))
+
+
+def score_batch(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str]) -> ScoreBatch:
+    enc = reward_model_inputs(tokenizer, interleave(prompts, prompts), interleave(chosen, rejected))
+    return ScoreBatch(enc["input_ids"], enc["attention_mask"])
+
+
+# ---- losses (pure) ----
+
+
+def sft_loss(logprobs: Tensor, response_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Mean negative log-likelihood per response token. logprobs, response_mask: [B, T]."""
+    loss = aggregate_loss(-logprobs, response_mask, agg="token-mean")
+    return loss, {"loss/sft": loss.item(), "sft/tokens": float(response_mask.sum())}
+
+
+def pair_logprobs(logprobs: Tensor, response_mask: Tensor, loss_type: str) -> tuple[Tensor, Tensor]:
+    """Interleaved per-token logprobs [2B, T] -> sequence logprobs of the chosen and rejected responses, [B] each."""
+    seq = SEQUENCE_LOGPROBS[loss_type](logprobs, response_mask, dim=-1)
+    return seq[0::2], seq[1::2]
+
+
+# ---- the worker loops (Ray Train `train_loop_per_worker`, config {"job": OfflineJob}) ----
+
+
+def sft_loop(config: dict[str, Any]) -> None:
+    job: OfflineJob = config["job"]
+    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
+
+    def loss_fn(engine: TrainEngine) -> Callable:
+        def loss(i: int, mb: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
+            fields = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+            return sft_loss(response_logprobs(engine.model, *fields), mb.response_mask)
+
+        return loss
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32)
+
+    def collate(rows: dict) -> SequenceBatch:
+        return sequence_batch(tokenizer, list(rows["prompt"]), list(rows["response"]))
+
+    train_member(job, 0, load, collate, loss_fn, agg="token-mean", out_dir=Path(job.out_dir))
+
+
+def reward_loop(config: dict[str, Any]) -> None:
+    job: OfflineJob = config["job"]
+    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def load() -> torch.nn.Module:
+        model = AutoModelForSequenceClassification.from_pretrained(job.init_dir, num_labels=1, dtype=torch.float32)
+        # HF pools each row at its last non-pad token: it needs the pad id, and so does anyone loading the export.
+        model.config.pad_token_id = tokenizer.pad_token_id
+        redraw_head(model)
+        return model
+
+    def loss_fn(engine: TrainEngine) -> Callable:
+        def loss(i: int, mb: ScoreBatch) -> tuple[Tensor, dict[str, float]]:
+            scores = reward_model_scores(engine.model, mb.input_ids, mb.attention_mask)
+            return bt_loss(scores[0::2], scores[1::2])
+
+        return loss
+
+    def collate(rows: dict) -> ScoreBatch:
+        return score_batch(tokenizer, list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"]))
+
+    for k in range(job.members):
+        out = Path(job.out_dir) / f"member-{k}"
+        train_member(job, k, load, collate, loss_fn, agg=PAIR_AGG, out_dir=out, pairs=True)
+
+
+def dpo_loop(config: dict[str, Any]) -> None:
+    job: OfflineJob = config["job"]
+    dpo = job.dpo
+    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
+    reference = load_frozen_model(AutoModelForCausalLM, Path(job.reference_dir))
+
+    def loss_fn(engine: TrainEngine) -> Callable:
+        def loss(i: int, mb: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
+            fields = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+            with torch.no_grad():
+                ref_device = next(reference.parameters()).device
+                ref = response_logprobs(reference, *(f.to(ref_device) for f in fields)).to(engine.device).float()
+            policy = response_logprobs(engine.model, *fields)
+            return dpo_loss(
+                *pair_logprobs(policy, mb.response_mask, dpo.loss_type),
+                *pair_logprobs(ref, mb.response_mask, dpo.loss_type),
+                beta=dpo.beta,
+                loss_type=dpo.loss_type,
+                label_smoothing=dpo.label_smoothing,
+            )
+
+        return loss
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32)
+
+    def collate(rows: dict) -> SequenceBatch:
+        return pair_sequence_batch(tokenizer, list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"]))
+
+    train_member(job, 0, load, collate, loss_fn, agg=PAIR_AGG, out_dir=Path(job.out_dir), pairs=True)
+
+
+def redraw_head(model: torch.nn.Module) -> None:
+    """Draw a sequence-classification model's `score` head afresh from the torch seed, so ensemble members
+    started from one saved model differ (Llama-family heads are `score`; others keep from_pretrained's init)."""
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Linear):
+        with torch.no_grad():
+            head.weight.normal_(0.0, model.config.initializer_range)
+            if head.bias is not None:
+                head.bias.zero_()
+
+
+# ---- one model trained over the epochs, with checkpoints, resume and export ----
+
+
+def train_member(
+    job: OfflineJob,
+    member: int,
+    load_model: Callable[[], torch.nn.Module],
+    collate: Callable[[dict], Any],
+    loss_fn: Callable[[TrainEngine], Callable],
+    *,
+    agg: str,
+    out_dir: Path,
+    pairs: bool = False,
+) -> None:
+    """Train one model for `job.learner.epochs` epochs (resuming after the last reported checkpoint), then have
+    rank 0 export it as an HF dir with the tokenizer."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    state, checkpoint = restored_state()
+    if state is not None and state["member"] > member:
+        return  # finished and exported before the restart
+    join_process_group(job.learner)
+    seed = job.seed + member
+    torch.manual_seed(seed)  # every rank loads the same model (a new head starts identical)
+    engine = build_engine(job.learner, load_model(), rank, world)
+    first_epoch = 0
+    if state is not None and state["member"] == member:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(Path(d) / "engine")
+        first_epoch = state["epochs_done"]
+    shard = ray.train.get_dataset_shard(job.datasets[member])
+    micro = job.learner.micro_batch_size
+    micro_rows = 2 * max(1, micro // 2) if pairs else micro  # an even number of rows keeps pairs together
+    loss = loss_fn(engine)
+    for epoch in range(first_epoch, job.learner.epochs):
+        start, metrics, rows = time.perf_counter(), [], 0
+        for batch in epoch_batches(shard, job.batch_size // world, seed=seed * 1000 + epoch):
+            batch = to_device(collate(batch), engine.device)
+            m = accumulate_update(engine, batch, micro_batch_size=micro_rows, agg=agg, world_size=world, loss_fn=loss)
+            metrics.append(m)
+            rows += len(batch) // (2 if pairs else 1)
+        record = {
+            **mean_metrics(metrics),
+            "member": member,
+            "epoch": epoch + 1,
+            "epochs": job.learner.epochs,
+            "rows": rows * world,
+            "updates": len(metrics),
+            "seconds": time.perf_counter() - start,
+        }
+        report_epoch(engine, rank, {"member": member, "epochs_done": epoch + 1}, record)
+        if rank == 0 and job.progress is not None:
+            job.progress.put({"stage": job.stage, **record})
+    save_hf(engine, rank, Path(job.tokenizer_dir), out_dir)
+    del engine
+    gc.collect()
+
+
+def join_process_group(cfg: LearnerConfig) -> None:
+    """Ray Train already runs torch.distributed (gloo on CPU, NCCL on GPU) with RANK, LOCAL_RANK, MASTER_ADDR set;
+    DeepSpeed adopts that group rather than starting one (actors.engine.init_distributed would reset LOCAL_RANK)."""
+    if cfg.backend == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def epoch_batches(shard, rows_per_rank: int, *, seed: int) -> Iterator[dict]:
+    """One epoch of this rank's shard in batches of `rows_per_rank` string rows, shuffled with `seed`. Ray Train
+    splits the dataset into equal shards, so every rank takes the same number of updates (ZeRO's collectives and
+    the gradient all-reduce need that)."""
+    yield from shard.iter_batches(
+        batch_size=rows_per_rank,
+        batch_format="numpy",
+        local_shuffle_buffer_size=SHUFFLE_ROWS,
+        local_shuffle_seed=seed,
+    )
+
+
+def restored_state() -> tuple[dict | None, Any]:
+    """(state, checkpoint) of the last checkpoint reported to Ray Train in this run, or (None, None)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as d:
+        return json.loads((Path(d) / STATE).read_text()), checkpoint
+
+
+def report_epoch(engine: TrainEngine, rank: int, state: dict, metrics: dict) -> None:
+    """Every rank writes its part of the engine checkpoint; Ray Train merges the parts into one checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(Path(tmp) / "engine")
+        if rank == 0:
+            (Path(tmp) / STATE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,0 +1,160 @@
+"""Driver side of the offline training stages (`sft`, `reward`, `dpo`): check and stream the data, run a worker loop
+of actors.offline on Ray Train (a TorchTrainer, one DeepSpeed engine per worker), print its per-epoch progress,
+and run the small evaluations (sampling, scoring) as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline.config import Config
+from pipeline.data import RowCheck, read_dataset
+from pipeline.errors import ConfigError
+from pipeline.stages.context import StageContext
+
+POLL_S = 0.5  # how often the progress printer looks for a finished fit
+
+
+def use_gpu(cfg: Config) -> bool:
+    if cfg.placement.device != "auto":
+        return cfg.placement.device == "gpu"
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def check_batch_size(key: str, batch_size: int, num_workers: int) -> None:
+    """Every worker takes batch_size / num_workers rows per update: the global batch, hence the update, does not
+    depend on the number of workers."""
+    if batch_size % num_workers:
+        raise ConfigError(
+            f"{key} = {batch_size} does not split into learner.num_workers = {num_workers} equal worker shares"
+        )
+
+
+def row_check(ctx: StageContext, kind: str, tokenizer_dir: Path) -> RowCheck:
+    data = ctx.cfg.data
+    return RowCheck(
+        kind,
+        tokenizer_dir=tokenizer_dir,
+        max_prompt_tokens=data.max_prompt_tokens,
+        max_response_tokens=data.max_response_tokens,
+    )
+
+
+def train_dataset(ctx: StageContext, kind: str, tokenizer_dir: Path) -> ray.data.Dataset:
+    """The checked train split of `data.<kind>` (all rows when the file has no `split` column)."""
+    check = row_check(ctx, kind, tokenizer_dir)
+    path, on_bad_rows = ctx.data_file(kind), ctx.cfg.data.on_bad_rows
+    ds, report = read_dataset(path, check, on_bad_rows=on_bad_rows, split="train", log=ctx.log)
+    ctx.log(f"data: {report.path}: {report.good_rows} good rows of {report.rows} ({kind})")
+    quiet(ds)
+    return ds
+
+
+def heldout_rows(ctx: StageContext, kind: str, tokenizer_dir: Path) -> list[dict[str, str]]:
+    """The test split's rows of `data.<kind>`, or [] when the file has no `split` column (nothing is held out)."""
+    check = row_check(ctx, kind, tokenizer_dir)
+    path = ctx.data_file(kind)
+    ds, _ = read_dataset(path, check, on_bad_rows=ctx.cfg.data.on_bad_rows, split="test", log=lambda _: None)
+    rows = quiet(ds).take_all()
+    return [r for r in rows if r.get("split") == "test"]
+
+
+def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """No progress bars for this dataset: the stage prints one line per epoch instead."""
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    return ds
+
+
+def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[str, Any], max_failures: int):
+    """Run `loop` on `learner.num_workers` Ray Train workers with `job` (an actors.offline.OfflineJob without its
+    progress queue). -> the per-epoch records rank 0 sent, also written to <stage dir>/epochs.jsonl."""
+    from dataclasses import replace
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    stage_dir = ctx.stage_dir(stage)
+    queue = Queue(actor_options={"num_cpus": 0})
+    records: list[dict[str, Any]] = []
+    done = threading.Event()
+    printer = threading.Thread(target=_print_progress, args=(queue, records, done, ctx.log, stage_dir), daemon=True)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"job": replace(job, progress=queue)},
+        scaling_config=ScalingConfig(num_workers=ctx.cfg.learner.num_workers, use_gpu=use_gpu(ctx.cfg)),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(stage_dir),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=ctx.cfg.checkpoint.keep),
+        ),
+        datasets=datasets,
+    )
+    printer.start()
+    try:
+        trainer.fit()
+    finally:
+        done.set()
+        printer.join()
+        ray.kill(queue.actor)
+    return records
+
+
+def _print_progress(queue, records: list, done: threading.Event, log: Callable[[str], None], stage_dir: Path) -> None:
+    from ray.util.queue import Empty
+
+    with (stage_dir / "epochs.jsonl").open("a") as f:
+        while True:
+            try:
+                record = queue.get(timeout=POLL_S)
+            except Empty:
+                if done.is_set() and queue.empty():
+                    return
+                continue
+            records.append(record)
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            log(describe(record))
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One progress line: `sft: epoch 1/2 loss/sft 1.234 ... (12 updates, 3.1 s)`."""
+    member = f" member {record['member']}" if record["stage"] == "reward" else ""
+    keys = [k for k in record if k.startswith("loss/") or k.endswith("accuracy")]
+    values = " ".join(f"{k} {record[k]:.4f}" for k in keys)
+    return (
+        f"{record['stage']}:{member} epoch {record['epoch']}/{record['epochs']} {values} "
+        f"({record['updates']} updates, {record['seconds']:.1f} s)"
+    )
+
+
+def remote(fn: Callable, *args, **kwargs):
+    """Run `fn` as a one-CPU Ray task and wait for it: small evaluations stay off the driver's process."""
+    return ray.get(ray.remote(num_cpus=1)(fn).remote(*args, **kwargs))
+
+
+def task_info(ctx: StageContext) -> dict[str, Any]:
+    """task.json of the synthetic task, or {} when the run has none."""
+    if ctx.artifacts.task_dir is None:
+        return {}
+    path = Path(ctx.artifacts.task_dir) / "task.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def last_epoch(records: list[dict[str, Any]], keys: dict[str, str], member: int = 0) -> dict[str, float]:
+    """Summary entries {summary key: value} from the last epoch record of `member` (none after a resume that had
+    no epoch left to train)."""
+    mine = [r for r in records if r["member"] == member]
+    return {out: mine[-1][key] for key, out in keys.items()} if mine else {}
+
+
+def unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,93 @@
+"""The `reward` stage: Bradley-Terry reward models from preferences (prompt, chosen, rejected), on Ray Train with a
+DeepSpeed engine per worker (actors.offline). An ensemble of `reward.ensemble_size` members, trained one after the
+other in the same workers, differs by seed (head init, data order) and, with `rm.bootstrap`, by resample.
+
+Each member starts from the synthetic task's reward model when the run has a task (`rm.init=task`), else from the
+policy as an AutoModelForSequenceClassification with one label. Members are exported as HF dirs with the tokenizer to
+<stage dir>/member-k and recorded as `reward`. Held-out (test split) accuracy is measured by the RL stage's own
+scorer (actors.reward.ModelScorer) on the exported dirs, so the number is about what RL will optimize.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actors.evaluation import preference_accuracy
+from actors.offline import OfflineJob, reward_loop
+from pipeline.stages.context import StageContext
+from pipeline.stages.offline import check_batch_size, fit, heldout_rows, last_epoch, remote, task_info, train_dataset
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    start = time.perf_counter()
+    cfg, rm = ctx.cfg, ctx.cfg.rm
+    check_batch_size("rm.batch_size", rm.batch_size, cfg.learner.num_workers)
+    init = initial_model(ctx)
+    members = cfg.reward.ensemble_size
+    train = train_dataset(ctx, "preferences", init)
+    if rm.bootstrap:
+        seeds = {f"train-{k}": cfg.run.seed + k for k in range(members)}
+        datasets = {name: train.map_batches(bootstrap, fn_kwargs={"seed": seed}) for name, seed in seeds.items()}
+    else:
+        datasets = {"train": train}
+    out = ctx.stage_dir("reward")
+    job = OfflineJob(
+        stage="reward",
+        learner=cfg.learner.model_copy(update={"lr": rm.lr, "epochs": rm.epochs}),
+        init_dir=str(init),
+        tokenizer_dir=str(init),
+        out_dir=str(out),
+        batch_size=rm.batch_size,
+        seed=cfg.run.seed,
+        members=members,
+        datasets=tuple(datasets) if rm.bootstrap else ("train",) * members,
+    )
+    ctx.log(f"reward: training {members} member(s) from {init}")
+    records = fit(ctx, "reward", reward_loop, job, datasets, rm.max_failures)
+    member_dirs = [str(out / f"member-{k}") for k in range(members)]
+    ctx.record(reward=member_dirs)
+    summary: dict[str, Any] = {}
+    losses = [last_epoch(records, {"loss/rm": "loss"}, k).get("loss") for k in range(members)]
+    if all(x is not None for x in losses):
+        summary["rm/loss"] = sum(losses) / members
+    test = heldout_rows(ctx, "preferences", init)
+    if test:
+        columns = ([r[c] for r in test] for c in ("prompt", "chosen", "rejected"))
+        acc = remote(preference_accuracy, member_dirs, cfg.reward.micro_batch_size, *columns)
+        summary["rm/heldout_accuracy"] = acc["ensemble"]
+        summary["rm/heldout_accuracy_members"] = acc["member_mean"]
+        ctx.log(
+            f"reward: held-out accuracy {acc['ensemble']:.3f} (ensemble mean), {acc['member_mean']:.3f} "
+            f"(mean over {members} member(s)), on {len(test)} test pairs"
+        )
+    if "bayes_optimal_accuracy" in (info := task_info(ctx)):
+        summary["task/bayes_optimal_accuracy"] = info["bayes_optimal_accuracy"]
+    summary["timing/reward"] = time.perf_counter() - start
+    return summary
+
+
+def initial_model(ctx: StageContext) -> Path:
+    """`rm.init=task`: the synthetic task's reward model when the run has a task; else the policy (given a new
+    one-label head)."""
+    info = task_info(ctx)
+    if ctx.cfg.rm.init == "task" and "files" in info:
+        return Path(ctx.artifacts.task_dir) / info["files"]["reward"]
+    return ctx.policy_dir()
+
+
+def bootstrap(rows: dict[str, np.ndarray], *, seed: int) -> dict[str, np.ndarray]:
+    """Poisson(1) copies of each pair: the streaming form of a bootstrap resample (Oza & Russell 2001). A pair's
+    count depends only on its text and the seed, so it does not change with block boundaries or worker count."""
+    columns = zip(rows["prompt"], rows["chosen"], rows["rejected"], strict=True)
+    counts = np.array([pair_count(p, c, r, seed) for p, c, r in columns], dtype=np.int64)
+    return {k: np.repeat(v, counts) for k, v in rows.items()}
+
+
+def pair_count(prompt: str, chosen: str, rejected: str, seed: int) -> int:
+    key = zlib.crc32("\x00".join((prompt, chosen, rejected)).encode())
+    return int(np.random.default_rng([seed, key]).poisson(1.0))
