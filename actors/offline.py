@@ -276,6 +276,7 @@ def train_member(
             "epochs": job.learner.epochs,
             "rows": rows * world,
             "updates": len(metrics),
+            "step": engine.steps,  # optimizer updates since the start, across restarts
             "seconds": time.perf_counter() - start,
         }
         report_epoch(engine, rank, {"member": member, "epochs_done": epoch + 1}, record)
