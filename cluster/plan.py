@@ -97,6 +97,15 @@ def plan(cfg: Any, *, device: str = "cpu") -> ResourcePlan:
     return ResourcePlan(device=device, roles={r: roles[r] for r in ROLES if r in roles}, groups=groups)
 
 
+def resolve_device(cfg: Any) -> str:
+    """`placement.device`, with `auto` resolved to "gpu" when the Ray cluster has a GPU, else "cpu"."""
+    import ray
+
+    if cfg.placement.device != "auto":
+        return cfg.placement.device
+    return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
 def reserve(resource_plan: ResourcePlan, *, timeout_s: float = 120.0) -> dict[str, Any]:
     """Create every placement group of the plan and wait for it; -> group name -> placement group.
     A clear error names the group, its bundles and what the cluster has free."""

@@ -18,7 +18,7 @@ from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
 from actors.weight_sync import broadcast_weights
-from cluster.plan import plan, release, reserve, spawn
+from cluster.plan import plan, release, reserve, resolve_device, spawn
 from pipeline import checkpoint
 from pipeline.config import Config
 from pipeline.experience import Chunk, make_train_batches
@@ -47,12 +47,6 @@ def _assemble(algo, kl_coef, world_size, gold_reward, n_chunks, *parts):
     ]
     shards, metrics = make_train_batches(chunks, algo, kl_coef=kl_coef, world_size=world_size, gold_reward=gold_reward)
     return (*shards, metrics)
-
-
-def resolve_device(cfg: Config) -> str:
-    if cfg.placement.device != "auto":
-        return cfg.placement.device
-    return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
 class Roles:

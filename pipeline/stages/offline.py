@@ -13,18 +13,12 @@ from typing import Any
 
 import ray
 
-from pipeline.config import Config
+from cluster.plan import resolve_device
 from pipeline.data import RowCheck, read_dataset
 from pipeline.errors import ConfigError
 from pipeline.stages.context import StageContext
 
 POLL_S = 0.5  # how often the progress printer looks for a finished fit
-
-
-def use_gpu(cfg: Config) -> bool:
-    if cfg.placement.device != "auto":
-        return cfg.placement.device == "gpu"
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def check_batch_size(key: str, batch_size: int, num_workers: int) -> None:
@@ -89,7 +83,7 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
     trainer = TorchTrainer(
         loop,
         train_loop_config={"job": replace(job, progress=queue)},
-        scaling_config=ScalingConfig(num_workers=ctx.cfg.learner.num_workers, use_gpu=use_gpu(ctx.cfg)),
+        scaling_config=ScalingConfig(num_workers=ctx.cfg.learner.num_workers, use_gpu=resolve_device(ctx.cfg) == "gpu"),
         run_config=RunConfig(
             name="train",
             storage_path=str(stage_dir),
