@@ -14,25 +14,23 @@ import time
 from typing import Any
 
 from actors.evaluation import implicit_reward_accuracy, sample_gold
-from actors.offline import OfflineJob, dpo_loop
+from actors.offline import dpo_loop
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import check_batch_size, fit, heldout_rows, last_epoch, remote, train_dataset, unique
+from pipeline.stages.offline import fit, heldout_rows, last_epoch, offline_job, remote, train_dataset, unique
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     start = time.perf_counter()
     cfg, dpo = ctx.cfg, ctx.cfg.dpo
-    check_batch_size("dpo.batch_size", dpo.batch_size, cfg.learner.num_workers)
     reference, tokenizer = ctx.policy_dir(), ctx.tokenizer_dir()
     out = ctx.stage_dir("dpo") / "policy"
-    job = OfflineJob(
-        stage="dpo",
-        learner=cfg.learner.model_copy(update={"lr": dpo.lr, "epochs": dpo.epochs}),
-        init_dir=str(reference),
-        tokenizer_dir=str(tokenizer),
-        out_dir=str(out),
-        batch_size=dpo.batch_size,
-        seed=cfg.run.seed,
+    job = offline_job(
+        ctx,
+        "dpo",
+        "dpo",
+        init_dir=reference,
+        tokenizer_dir=tokenizer,
+        out_dir=out,
         reference_dir=str(reference),
         dpo=dpo,
     )

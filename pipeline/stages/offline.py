@@ -13,12 +13,30 @@ from typing import Any
 
 import ray
 
+from actors.offline import OfflineJob
 from cluster.plan import resolve_device
 from pipeline.data import RowCheck, read_dataset
 from pipeline.errors import ConfigError
 from pipeline.stages.context import StageContext
 
 POLL_S = 0.5  # how often the progress printer looks for a finished fit
+
+
+def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_dir, out_dir, **extra) -> OfflineJob:
+    """The job of an offline stage: the `learner` settings with the stage section's (`key`) lr and epochs, its
+    batch size (checked against the worker count) and the run seed."""
+    section = getattr(ctx.cfg, key)
+    check_batch_size(f"{key}.batch_size", section.batch_size, ctx.cfg.learner.num_workers)
+    return OfflineJob(
+        stage=stage,
+        learner=ctx.cfg.learner.model_copy(update={"lr": section.lr, "epochs": section.epochs}),
+        init_dir=str(init_dir),
+        tokenizer_dir=str(tokenizer_dir),
+        out_dir=str(out_dir),
+        batch_size=section.batch_size,
+        seed=ctx.cfg.run.seed,
+        **extra,
+    )
 
 
 def check_batch_size(key: str, batch_size: int, num_workers: int) -> None:

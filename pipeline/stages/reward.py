@@ -18,15 +18,14 @@ from typing import Any
 import numpy as np
 
 from actors.evaluation import preference_accuracy
-from actors.offline import OfflineJob, reward_loop
+from actors.offline import reward_loop
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import check_batch_size, fit, heldout_rows, last_epoch, remote, task_info, train_dataset
+from pipeline.stages.offline import fit, heldout_rows, last_epoch, offline_job, remote, task_info, train_dataset
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     start = time.perf_counter()
     cfg, rm = ctx.cfg, ctx.cfg.rm
-    check_batch_size("rm.batch_size", rm.batch_size, cfg.learner.num_workers)
     init = initial_model(ctx)
     members = cfg.reward.ensemble_size
     train = train_dataset(ctx, "preferences", init)
@@ -36,14 +35,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         datasets = {"train": train}
     out = ctx.stage_dir("reward")
-    job = OfflineJob(
-        stage="reward",
-        learner=cfg.learner.model_copy(update={"lr": rm.lr, "epochs": rm.epochs}),
-        init_dir=str(init),
-        tokenizer_dir=str(init),
-        out_dir=str(out),
-        batch_size=rm.batch_size,
-        seed=cfg.run.seed,
+    job = offline_job(
+        ctx,
+        "reward",
+        "rm",
+        init_dir=init,
+        tokenizer_dir=init,
+        out_dir=out,
         members=members,
         datasets=tuple(datasets) if rm.bootstrap else ("train",) * members,
     )

@@ -13,26 +13,17 @@ from statistics import fmean
 from typing import Any
 
 from actors.evaluation import sample_gold
-from actors.offline import OfflineJob, sft_loop
+from actors.offline import sft_loop
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import check_batch_size, fit, heldout_rows, last_epoch, remote, train_dataset, unique
+from pipeline.stages.offline import fit, heldout_rows, last_epoch, offline_job, remote, train_dataset, unique
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     start = time.perf_counter()
     cfg, sft = ctx.cfg, ctx.cfg.sft
-    check_batch_size("sft.batch_size", sft.batch_size, cfg.learner.num_workers)
     policy, tokenizer = ctx.policy_dir(), ctx.tokenizer_dir()
     out = ctx.stage_dir("sft") / "policy"
-    job = OfflineJob(
-        stage="sft",
-        learner=cfg.learner.model_copy(update={"lr": sft.lr, "epochs": sft.epochs}),
-        init_dir=str(policy),
-        tokenizer_dir=str(tokenizer),
-        out_dir=str(out),
-        batch_size=sft.batch_size,
-        seed=cfg.run.seed,
-    )
+    job = offline_job(ctx, "sft", "sft", init_dir=policy, tokenizer_dir=tokenizer, out_dir=out)
     records = fit(ctx, "sft", sft_loop, job, {"train": train_dataset(ctx, "demos", tokenizer)}, sft.max_failures)
     ctx.record(initial_policy=str(policy), policy=str(out))
     summary = last_epoch(records, {"loss/sft": "sft/loss"})
