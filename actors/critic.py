@@ -95,6 +95,8 @@ class ValueLearner:
                     agg=self.algo.loss_agg,
                 ),
             )
+            if any(k.startswith("bad/") for k in m):  # not finite: no update (on every rank)
+                return {**m, "timing/critic_step": time.perf_counter() - start}
             m["value/grad_norm"] = m.pop("grad_norm")
             metrics.append(m)
         return {**mean_metrics(metrics), "timing/critic_step": time.perf_counter() - start}

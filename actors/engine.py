@@ -6,6 +6,7 @@ the single-process full-batch update whatever the micro-batch size, rank count o
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ class TrainEngine(Protocol):
 
     def backward(self, loss: Tensor) -> None: ...
     def step(self) -> float: ...  # one optimizer update on the accumulated gradients -> grad norm before clipping
+    def discard(self) -> None: ...  # drop the accumulated gradients without an update
     def full_weights(self, keep: bool) -> list[tuple[str, Tensor]]: ...  # collective under ZeRO-3
     def save_checkpoint(self, path: Path) -> None: ...
     def load_checkpoint(self, path: Path) -> None: ...
@@ -120,6 +122,9 @@ class DeepSpeedEngine:
     def backward(self, loss: Tensor) -> None:
         self.ds.backward(loss)
 
+    def discard(self) -> None:
+        self.ds.zero_grad()
+
     def step(self) -> float:
         self.ds.step()
         norm = self._norm if self._own_clip else self.ds.get_global_grad_norm()
@@ -150,9 +155,27 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(path))
 
     def load_checkpoint(self, path: Path) -> None:
-        loaded, _ = self.ds.load_checkpoint(str(path))
+        # DeepSpeed's loader unpickles (torch.load(weights_only=False)): a checkpoint dir handed to --resume could
+        # run code. Its files hold tensors plus a few plain DeepSpeed types, so load them weights-only instead.
+        engine = self.ds.checkpoint_engine
+        engine.load = weights_only_load
+        try:
+            loaded, _ = self.ds.load_checkpoint(str(path))
+        finally:
+            del engine.load  # back to the class's method
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
+
+
+def weights_only_load(path: str, map_location=None) -> Any:
+    """torch.load(weights_only=True) for DeepSpeed's checkpoint files, with the DeepSpeed types ZeRO 0-3
+    checkpoints hold (found by loading them weights-only) allowed: each is plain data, none runs code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class TorchEngine:
@@ -171,6 +194,9 @@ class TorchEngine:
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
+    def discard(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self) -> float:
         params = list(self.module.parameters())
         for p in params:
@@ -180,10 +206,11 @@ class TorchEngine:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= self.world_size
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip).item()
-        self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(norm):  # else no update: accumulate_update reports bad/grad
+            self.optimizer.step()
+            self.scheduler.step()
+            self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
         return norm
 
     @property
@@ -234,12 +261,48 @@ def shard(batch: Batch, world_size: int) -> list[Batch]:
     return [rows(batch, r * size, (r + 1) * size) for r in range(world_size)]
 
 
+def concat_batches(batches: list[Batch]) -> Batch:
+    """Join batches of one dataclass along dim 0. 2-D tensors of different widths are padded with zeros (False
+    for masks): on the left for `prompt_*` fields, which are left-padded, on the right otherwise. Scalars and
+    None fields come from the first batch."""
+    changes = {}
+    for f in dataclasses.fields(batches[0]):
+        values = [getattr(b, f.name) for b in batches]
+        if isinstance(values[0], list):
+            changes[f.name] = [x for v in values for x in v]
+        elif isinstance(values[0], Tensor):
+            width = max(v.shape[1] for v in values) if values[0].dim() == 2 else 0
+            left = f.name.startswith("prompt_")
+            pad = [torch.nn.functional.pad(v, (width - v.shape[1], 0) if left else (0, width - v.shape[1]))
+                   if v.dim() == 2 else v for v in values]
+            changes[f.name] = torch.cat(pad)
+    return dataclasses.replace(batches[0], **changes)
+
+
 def global_sum(x: Tensor, world_size: int) -> Tensor:
     """Sum of a scalar over all ranks (x itself when there is one rank)."""
     if world_size > 1:
         x = x.clone()
         torch.distributed.all_reduce(x)
     return x
+
+
+def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on some rank: one all-reduce, so every rank must call it."""
+    return bool(global_sum(torch.tensor(float(flag), device=device), world_size).item() > 0)
+
+
+INPUTS = ("reward", "logprobs")  # what nonfinite_input names
+
+
+def nonfinite_input(batch: Batch) -> str | None:
+    """`reward` when the advantages or returns (made from the rewards) hold NaN or inf, `logprobs` when another
+    float field does; None when all are finite."""
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return "reward" if f.name in ("advantages", "returns") else "logprobs"
+    return None
 
 
 def mean_metrics(metrics: list[dict[str, float]], weights: list[float] | None = None) -> dict[str, float]:
@@ -300,12 +363,22 @@ def accumulate_update(
     loss_fn(i, micro_batch) returns the micro-batch loss aggregated with `agg`. It is weighted by the
     micro-batch's share of the step's units (tokens or sequences, summed over ranks) times world_size,
     because the engine averages gradients over ranks: the sum is the gradient of the full-batch loss."""
+    bad = nonfinite_input(batch)
+    flags = global_sum(torch.tensor([float(bad == q) for q in INPUTS], device=engine.device), world_size)
+    if flags.sum().item() > 0:  # every rank skips, naming what some rank found
+        return {f"bad/{q}": 1.0 for q, f in zip(INPUTS, flags.tolist(), strict=True) if f > 0}
     micro = [rows(batch, s, s + micro_batch_size) for s in range(0, len(batch), micro_batch_size)]
     units = [float(AGG_UNITS[agg](mb.response_mask)) for mb in micro]
     total = float(global_sum(torch.tensor(sum(units), dtype=torch.float64, device=engine.device), world_size)) or 1.0
     metrics = []
     for i, mb in enumerate(micro):
         loss, m = loss_fn(i, mb)
+        if any_rank(not torch.isfinite(loss).item(), world_size, engine.device):
+            engine.discard()
+            return {"bad/loss": 1.0}
         engine.backward(loss * (world_size * units[i] / total))
         metrics.append(m)
-    return {**mean_metrics(metrics, units), "grad_norm": engine.step()}
+    out = {**mean_metrics(metrics, units), "grad_norm": engine.step()}
+    if not math.isfinite(out["grad_norm"]):
+        out["bad/grad"] = 1.0
+    return out

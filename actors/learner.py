@@ -9,6 +9,7 @@ micro-batch size, rank count or sequence lengths.
 
 from __future__ import annotations
 
+import pickle
 import socket
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from actors.engine import (
     Dist,
     TrainEngine,
     accumulate_update,
+    concat_batches,
     mean_metrics,
     rows,
     save_hf,
@@ -32,7 +34,7 @@ from actors.engine import (
 from actors.sequences import response_logprobs
 from pipeline.algo import kl_loss, masked_mean, ppo_policy_loss, truncated_is_weights
 from pipeline.config import AlgoConfig, LearnerConfig
-from pipeline.types import TrainBatch
+from pipeline.types import ExperienceItem, TrainBatch
 
 Tensor = torch.Tensor
 
@@ -92,6 +94,8 @@ class PolicyLearner:
                 world_size=self.dist.world_size,
                 loss_fn=lambda i, mb: self._loss(i, mb, first_logprobs),
             )
+            if any(k.startswith("bad/") for k in m):  # not finite: no update (on every rank), the loop counts it
+                return {**m, "bad/skipped": 1.0, "policy/lr": lr, "timing/learner_step": time.perf_counter() - start}
             m["policy/grad_norm"] = m.pop("grad_norm")
             metrics.append(m)
         out = mean_metrics(metrics)
@@ -100,6 +104,31 @@ class PolicyLearner:
         out["policy/lr"] = lr  # of the first update
         out["timing/learner_step"] = time.perf_counter() - start
         return out
+
+    def attach_stream(self, split: Any, critic: Any = None) -> None:
+        """Take this rank's split of the experience stream (a Ray Data DataIterator; pipeline/stream.py) and,
+        for PPO, the critic rank that trains on the same chunks."""
+        self._stream = iter(split.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"))
+        self._critic = critic
+
+    def train_from_stream(self, step: int, n_chunks: int) -> dict[str, Any]:
+        """Take this rank's `n_chunks` chunks of `step` from the stream, start the critic's update on them, and
+        update the policy on them.
+
+        -> {"train": metrics, "chunks": [(experience metrics, stage intervals)] per chunk, "ready": wall-clock
+        time the last chunk arrived, "critic": ref of the critic's metrics or None}."""
+        items: list[ExperienceItem] = []
+        while len(items) < n_chunks:
+            block = next(self._stream)
+            items += [pickle.loads(p) for p in block.column("payload").to_pylist()]
+        if any(it.step != step for it in items):
+            raise RuntimeError(f"experience stream out of step: rank {self.dist.rank} expected step {step}, got "
+                               f"chunks of steps {sorted({it.step for it in items})}")
+        ready = time.time()
+        batch = concat_batches([it.train for it in items])
+        critic = self._critic.train_step.remote(batch) if self._critic is not None else None
+        return {"train": self.train_step(batch), "chunks": [(it.metrics, it.times) for it in items],
+                "ready": ready, "critic": critic}
 
     def _loss(self, i: int, mb: TrainBatch, first_logprobs: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
         logprobs = self._logprobs(mb)

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import ray
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -47,19 +49,22 @@ def trim_padding(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, 
 class ReferenceWorker:
     """Scores rollouts under the frozen reference model. Plain class; made a Ray actor where it is spawned."""
 
-    def __init__(self, cfg: ReferenceConfig, model_dir: Path):
+    def __init__(self, cfg: ReferenceConfig, model_dir: Path, *, board: Any = None):
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         self.model: torch.nn.Module | None = None
+        self.board = board  # a WeightBoard actor to sign in with (restarts are counted there)
 
     def setup(self) -> None:
         self.model = load_frozen_model(AutoModelForCausalLM, self.model_dir)
+        if self.board is not None:
+            ray.get(self.board.sign_in.remote())
 
     @torch.inference_mode()
     def logprobs(self, rollouts: Rollouts) -> Tensor:
         """Reference logprobs of each response token: [B, T] float32 on CPU, 0 where response_mask is False."""
-        if self.model is None:
-            raise RuntimeError("ReferenceWorker.setup() must run before logprobs()")
+        if self.model is None:  # also the first call after Ray restarted this actor
+            self.setup()
         device = next(self.model.parameters()).device
         out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)
         step = self.cfg.micro_batch_size

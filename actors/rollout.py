@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -206,22 +207,32 @@ class RolloutWorker:
     (`ray.remote(num_cpus=...)(RolloutWorker)`). Calls are serial in an actor, so `generate` never overlaps a
     weight load and each batch comes from exactly one weight version."""
 
-    def __init__(self, cfg: RolloutConfig, model_dir: Path, *, seed: int):
+    def __init__(self, cfg: RolloutConfig, model_dir: Path, *, seed: int, board: Any = None):
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         self.seed = seed
+        self.board = board  # a WeightBoard actor: sign in, and catch up on weights after a restart
         self._engine: Engine | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._pad_id: int | None = None
         self._version = 0  # the weights in model_dir
 
     def setup(self) -> None:
+        """Start the engine. Also runs on the first call after Ray restarted this actor (a crash): then the
+        engine holds model_dir's weights, so it loads the newest update from the board first."""
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._pad_id = pad_token_id(self._tokenizer)
         self._engine = ENGINES[self.cfg.engine](self.cfg, self.model_dir, self._tokenizer, seed=self.seed)
+        if self.board is not None:
+            ray.get(self.board.sign_in.remote())
+            latest = ray.get(self.board.latest.remote())
+            if latest:
+                self.load_weights(ray.get(latest[0]))
 
     def generate(self, batch: PromptBatch) -> Rollouts:
         """P prompts -> B = P * G rollouts, the G samples of a prompt consecutive; CPU tensors."""
+        if self._engine is None:
+            self.setup()
         g = batch.samples_per_prompt
         samples = self._engine.sample(batch.prompts, g, batch.seed)
         prompt_ids, prompt_mask = pad_left([s.prompt_ids for s in samples], self._pad_id)
@@ -242,6 +253,8 @@ class RolloutWorker:
 
     def load_weights(self, update: WeightUpdate) -> None:
         """Take the learner's weights in place (no engine restart); later rollouts carry `update.version`."""
+        if self._engine is None:
+            self.setup()
         if update.version < self._version:
             # In async mode a late update must not roll the weights back behind a newer one.
             raise ValueError(f"weight update version {update.version} is older than the loaded {self._version}")

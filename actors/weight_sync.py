@@ -45,22 +45,52 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=iter(named_tensors))
 
 
+class WeightBoard:
+    """Where restarted workers catch up (a Ray actor of the RL stage). It holds the newest weight update (a ref,
+    one copy in the object store): a rollout worker that Ray restarted after a crash loads it before it samples
+    again. Every worker signs in when it sets up, so sign-ins beyond the first per worker count restarts."""
+
+    def __init__(self):
+        self._latest: list = []  # [ObjectRef[WeightUpdate]]: in a list, so Ray passes the ref, not the value
+        self._sign_ins = 0
+
+    def publish(self, update: list) -> None:
+        self._latest = update
+
+    def latest(self) -> list:
+        return self._latest
+
+    def sign_in(self) -> None:
+        self._sign_ins += 1
+
+    def sign_ins(self) -> int:
+        return self._sign_ins
+
+
 def broadcast_weights(
-    named_tensors: dict[str, Tensor] | Sequence[tuple[str, Tensor]], version: int, rollout_actors: Sequence[Any]
+    named_tensors: dict[str, Tensor] | Sequence[tuple[str, Tensor]], version: int, rollout_actors: Sequence[Any],
+    board: Any = None,
 ) -> float:
     """Load `named_tensors` (HF names; a dict or the (name, tensor) pairs `gather_weights` returns) as weight
     version `version` into every rollout actor (`RolloutWorker` Ray actor handles); returns the seconds spent.
-    Blocks until every actor has the new weights."""
+    Blocks until every actor has the new weights. `board` (a WeightBoard actor) gets the update first, for
+    workers restarted later (CPU path only)."""
     start = time.perf_counter()
     named_tensors = dict(named_tensors)
     on_gpu = any(t.is_cuda for t in named_tensors.values())
-    (_broadcast_nccl if on_gpu else _broadcast_object_store)(named_tensors, version, rollout_actors)
+    if on_gpu:
+        _broadcast_nccl(named_tensors, version, rollout_actors)
+    else:
+        _broadcast_object_store(named_tensors, version, rollout_actors, board)
     return time.perf_counter() - start
 
 
-def _broadcast_object_store(named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any]) -> None:
+def _broadcast_object_store(named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any],
+                            board: Any) -> None:
     update = WeightUpdate(version, {name: t.detach().cpu().contiguous() for name, t in named_tensors.items()})
     ref = ray.put(update)  # one copy in the object store, read by every actor
+    if board is not None:
+        ray.get(board.publish.remote([ref]))
     ray.get([actor.load_weights.remote(ref) for actor in rollout_actors])
 
 

@@ -11,3 +11,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """An input data file is missing, unreadable or has bad rows."""
+
+
+class RunFailure(Exception):
+    """The run cannot go on (e.g. non-finite updates `run.max_bad_steps` times in a row): one line, exit 1. The last
+    complete checkpoint stays, so `raylign run --resume` can continue once the cause is fixed."""

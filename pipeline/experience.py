@@ -140,6 +140,58 @@ def make_train_batches(
     return shard(batch, world_size), metrics
 
 
+def chunk_experience(
+    chunk: Chunk, algo: AlgoConfig, *, kl_coef: float, gold_reward: str | None = None
+) -> tuple[TrainBatch, dict[str, float]]:
+    """The experience stream's advantage stage: one chunk -> (its TrainBatch, its experience metrics)."""
+    (batch,), metrics = make_train_batches([chunk], algo, kl_coef=kl_coef, world_size=1, gold_reward=gold_reward)
+    return batch, metrics
+
+
+def combine_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Experience metrics of a step from those of its chunks, equal to computing them on the joined batch:
+    counts add up, the entropy is weighted by tokens, other means by samples, and each `x/std` is pooled with
+    its `x/mean` (the sample std of all the values)."""
+    n = [p["samples"] for p in parts]
+    total = sum(n)
+    out: dict[str, float] = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key in ("samples", "tokens"):
+            out[key] = sum(values)
+        elif key == "weight_version":
+            out[key] = min(values)
+        elif key == "policy/entropy":
+            tokens = [p["tokens"] for p in parts]
+            out[key] = sum(t * v for t, v in zip(tokens, values, strict=True)) / max(sum(tokens), 1.0)
+        elif not key.endswith("/std"):
+            out[key] = sum(k * v for k, v in zip(n, values, strict=True)) / total
+    for key in parts[0]:
+        if key.endswith("/std"):
+            means = [p[key.removesuffix("std") + "mean"] for p in parts]
+            mean = sum(k * m for k, m in zip(n, means, strict=True)) / total
+            squares = sum((k - 1) * s**2 + k * m**2 for k, s, m in zip(n, [p[key] for p in parts], means, strict=True))
+            out[key] = ((squares - total * mean**2) / (total - 1)) ** 0.5 if total > 1 else 0.0
+    return out
+
+
+STREAM_STAGES = ("gen", "reward", "ref", "values", "advantage")
+
+
+def stage_seconds(intervals: list[tuple[str, float, float]], start: float, end: float) -> dict[str, float]:
+    """Split the wall time [start, end] that a step waited for its experience among the stream's stages.
+
+    Stages overlap across chunks, so each moment goes to the earliest stage of STREAM_STAGES busy on some chunk
+    then (generation first: it bounds the rest); moments when none was busy go to `stream` (queueing, Ray Data).
+    -> seconds per stage; they sum to end - start."""
+    cuts = sorted({start, end} | {t for _, a, b in intervals for t in (a, b) if start < t < end})
+    out = dict.fromkeys(STREAM_STAGES, 0.0) | {"stream": 0.0}
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        busy = {stage for stage, s, e in intervals if s <= a and e >= b}
+        out[next((s for s in STREAM_STAGES if s in busy), "stream")] += b - a
+    return out
+
+
 def experience_metrics(r: Rollouts, scores: Tensor, kl: Tensor, mask: Tensor) -> dict[str, float]:
     lengths = mask.sum(dim=-1).float()
     return {

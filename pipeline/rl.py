@@ -1,16 +1,17 @@
 """The online RL loop: `train_iter(cfg, ctx)` yields one dict of metrics per step (STYLE.md rule 5).
 
-Dataflow per step: prompts come from a Ray Data stream; each chunk of prompts goes rollout -> reward ->
-reference (-> critic) as chained actor calls, so chunk k+1 is generated while chunk k is scored; a Ray task
-joins the chunks into advantages and one shard per learner; the learners update; the new weights go to every
-rollout engine (version = step). The driver holds object refs and metrics, never a step's tensors.
+Dataflow per step: the next P prompts come from a Ray Data read of the prompt file and are fed, in chunks, into
+the experience stream (pipeline/stream.py: one long-lived Ray Data pipeline rollout -> reward -> reference
+(-> critic) -> advantages, `streaming_split` across the learner ranks); each learner rank takes its chunks
+from its split and updates; the new weights go to every rollout engine (version = step). The driver holds
+prompts, chunk counts and metrics, never a step's tensors.
 
-Sync (on-policy) mode: every step samples with the weights of the step before. Async mode
-(`rollout.async=true`): the experience of the next `rollout.max_staleness` steps is launched before this step
-trains, so generation overlaps training and samples are up to that many updates old; the learners' clipped
-ratio against the rollout logprobs, and `algo.tis_cap` (truncated importance weights), correct for it.
-A resumed async run is not bit-identical to an uninterrupted one (the prefetched samples are redrawn with the
-checkpoint's weights); a resumed sync run is.
+Sync (on-policy) mode: a step's prompts enter the stream only after the previous step's weight sync, so every
+step samples with the weights of the step before. Async mode (`rollout.async=true`): the prompts of the next
+`rollout.max_staleness` steps are fed before this step trains, so generation overlaps training and samples are
+up to that many updates old; the learners' clipped ratio against the rollout logprobs, and `algo.tis_cap`
+(truncated importance weights), correct for it. A resumed async run is not bit-identical to an uninterrupted
+one (the prefetched samples are redrawn with the checkpoint's weights); a resumed sync run is.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pipeline import checkpoint
 from pipeline.algo import AdaptiveKLController, FixedKLController
 from pipeline.config import Config
 from pipeline.data import RowCheck, read_dataset
+from pipeline.errors import RunFailure
+from pipeline.experience import stage_seconds
 from pipeline.stages.context import StageContext
 
 
@@ -88,29 +91,32 @@ class PromptStream:
 
 
 class StepTimer:
-    """Seconds per stage of a step, on the critical path: each `wait` charges the time since the last mark."""
+    """Seconds per stage of a step, on the critical path: each `charge` gives the time since the last mark to
+    one stage; `charge_split` spreads it over several (the stream's stages, which overlap). Wall-clock time, so
+    times taken in actors on the same machine compare."""
 
     def __init__(self):
-        self.start = self.mark = time.perf_counter()
+        self.start = self.mark = time.time()
         self.seconds: dict[str, float] = {}
-
-    def wait(self, stage: str, refs: list) -> None:
-        if refs:
-            ray.wait(refs, num_returns=len(refs), fetch_local=False)
-        self.charge(stage)
 
     def call(self, stage: str, fn, *args):
         out = fn(*args)
         self.charge(stage)
         return out
 
-    def charge(self, stage: str) -> None:
-        now = time.perf_counter()
+    def charge(self, stage: str, until: float | None = None) -> None:
+        now = time.time() if until is None else until
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.mark
         self.mark = now
 
+    def charge_split(self, seconds: dict[str, float], until: float) -> None:
+        for stage, s in seconds.items():
+            if s > 0:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + s
+        self.mark = until
+
     def metrics(self) -> dict[str, float]:
-        total = time.perf_counter() - self.start
+        total = time.time() - self.start
         out = {f"timing/{k}": v for k, v in self.seconds.items()}
         out["timing/other"] = total - sum(self.seconds.values())
         out["timing/step"] = total
@@ -132,12 +138,35 @@ def step_seed(cfg: Config, step: int) -> int:
 
 def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[dict[str, Any]]:
     """Yield the metrics of every RL step until `run.max_steps`; resumes from the stage's last checkpoint.
-    `stop()` returning a truthy value ends the loop cleanly after a checkpoint of the finished step."""
+    `stop()` returning a truthy value ends the loop cleanly after a checkpoint of the finished step.
+
+    An actor that dies for good (a learner rank; a rollout, reward or reference actor out of restarts) ends the
+    attempt. With `run.max_failures` left, every role starts again from the last complete checkpoint, after a
+    row {"step": s, "restart": n} telling the consumer that the steps after s come again; else RunFailure."""
+    ckpt_root = ctx.stage_dir("rl") / "checkpoints"
+    for failures in range(cfg.run.max_failures + 1):
+        try:
+            yield from _attempt(cfg, ctx, stop)
+            return
+        except ray.exceptions.RayActorError as e:
+            last = checkpoint.latest(ckpt_root)
+            where = f"the last complete checkpoint {last}" if last else "the start of the stage (no checkpoint yet)"
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if failures == cfg.run.max_failures:
+                raise RunFailure(f"rl: an actor died ({cause}); after {failures} restart(s) (run.max_failures="
+                                 f"{cfg.run.max_failures}) the run stops; `raylign run --resume RUN_DIR` continues "
+                                 f"from {where}") from e
+            ctx.log(f"rl: an actor died ({cause}); restarting every role from {where} "
+                    f"(restart {failures + 1} of run.max_failures={cfg.run.max_failures})")
+            yield {"step": checkpoint.load_state(last)["step"] if last else 0, "restart": failures + 1}
+
+
+def _attempt(cfg: Config, ctx: StageContext, stop) -> Iterator[dict[str, Any]]:
     from pipeline.rl_roles import Roles
 
     ckpt_root = ctx.stage_dir("rl") / "checkpoints"
     roles = Roles.start(cfg, ctx)
-    stream = PromptStream(ctx, cfg.rollout.prompts_per_step, cfg.run.seed)
+    prompt_stream = PromptStream(ctx, cfg.rollout.prompts_per_step, cfg.run.seed)
     state, kl_ctl = RLState(), kl_controller(cfg)
     resume_from = checkpoint.latest(ckpt_root)
     try:
@@ -146,47 +175,55 @@ def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[dict[str, 
             kl_ctl.load_state_dict(state.kl)
             roles.load_checkpoint(resume_from, version=state.step)
             ctx.log(f"rl: resumed from {resume_from.name} (step {state.step})")
-        stream.start(state.epoch, state.batch_in_epoch)
+        prompt_stream.start(state.epoch, state.batch_in_epoch)
         if state.step == 0:
-            yield {"step": 0, **roles.evaluate(stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed)}
+            yield {"step": 0, **roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed)}
         ahead = cfg.rollout.max_staleness if cfg.rollout.async_ else 0
-        pending: deque[tuple[list, tuple[int, int]]] = deque()  # launched experience: (chunks, data position)
+        positions: deque[tuple[int, int]] = deque()  # data position after each step fed but not trained
+        fed, bad_in_a_row = state.step, 0
         for step in range(state.step + 1, cfg.run.max_steps + 1):
             timer = StepTimer()
-            # step 1. the next P prompts from the Ray Data stream, launched through generate -> score ->
-            # reference (-> values), chained per chunk so stages overlap; async mode launches `ahead` more steps,
-            # which then sample while this step trains
-            for launch in range(step + len(pending), min(step + ahead, cfg.run.max_steps) + 1):
-                prompts = stream.next()
-                pending.append((roles.experience(prompts, seed=step_seed(cfg, launch)), stream.position()))
-            chunks, position = pending.popleft()
+            # step 1. the next P prompts from the Ray Data read, fed into the experience stream; async mode
+            # feeds `ahead` more steps, which then sample while this step trains
+            while fed < min(step + ahead, cfg.run.max_steps):
+                fed += 1
+                roles.feed(fed, prompt_stream.next(), seed=step_seed(cfg, fed), kl_coef=kl_ctl.coef)
+                positions.append(prompt_stream.position())
+            position = positions.popleft()
             timer.charge("data")
-            # step 2. wait for this step's experience, stage by stage
-            for stage in ("gen", "reward", "ref", "values"):
-                timer.wait(stage, [getattr(c, stage) for c in chunks if getattr(c, stage) is not None])
-            # step 3. advantages and one shard per learner, in a Ray task
-            shards, experience = roles.assemble(chunks, kl_coef=kl_ctl.coef)
-            timer.wait("advantage", [experience])
-            # step 4. policy (and critic) update
-            train_metrics = timer.call("train", roles.train, shards)
-            # step 5. the new weights to every rollout engine
+            # step 2. every learner rank takes its chunks of this step from its split, then updates (PPO: the
+            # critic too); the wait for the chunks is split among the stream's stages
+            metrics, intervals, ready = roles.train(step)
+            ready = max(ready, timer.mark)  # async: it may have been waiting before the step began
+            timer.charge_split(stage_seconds(intervals, timer.mark, ready), until=ready)
+            timer.charge("train")
+            # step 3. the new weights to every rollout engine
             timer.call("sync", roles.sync, step)
-            # step 6. KL controller and the step's metrics
-            metrics = {"step": step, **ray.get(experience), **train_metrics, "kl/coef": kl_ctl.coef}
-            kl_ctl.update(metrics["kl/ref"], n_steps=int(metrics["samples"]))
+            # step 4. KL controller and the step's metrics
+            metrics = {"step": step, **metrics, "kl/coef": kl_ctl.coef}
+            bad = sorted(k.removeprefix("bad/") for k in metrics if k.startswith("bad/") and k != "bad/skipped")
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            if not bad:
+                kl_ctl.update(metrics["kl/ref"], n_steps=int(metrics["samples"]))
             metrics.update(timer.metrics())
             metrics["samples_per_s"] = metrics["samples"] / metrics["timing/step"]
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["timing/step"]
-            # step 7. checkpoint
+            # step 5. checkpoint
             state = RLState(step, *position, kl_ctl.state_dict())
             if step % cfg.run.checkpoint_every == 0 or step == cfg.run.max_steps or (stop and stop()):
                 roles.save_checkpoint(ckpt_root, asdict(state), keep=cfg.checkpoint.keep)
             yield metrics
+            if bad_in_a_row >= cfg.run.max_bad_steps:
+                last = checkpoint.latest(ckpt_root)
+                raise RunFailure(
+                    f"rl step {step}: non-finite {' and '.join(bad)} for {bad_in_a_row} steps in a row "
+                    f"(run.max_bad_steps={cfg.run.max_bad_steps}); no update was made in them; last complete "
+                    f"checkpoint: {last if last else 'none'}")
             if stop and stop():
                 return
         yield {"step": cfg.run.max_steps, "final": True,
-               **roles.evaluate(stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed)}
+               **roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed)}
         roles.save_policy(Path(ctx.stage_dir("rl")) / "policy")
     finally:
-        stream.close()
+        prompt_stream.close()
         roles.shutdown()

@@ -1,10 +1,9 @@
-"""The actors of the RL stage, placed by the resource plan, and the coarse operations the loop calls on them.
-Every fan-out is one `ray.get`; experience moves between actors as object refs."""
+"""The actors of the RL stage, placed by the resource plan, the experience stream between them
+(pipeline/stream.py), and the coarse operations the loop calls on them. Every fan-out is one `ray.get`."""
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +16,24 @@ from actors.learner import LearnerGroup, PolicyLearner
 from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
-from actors.weight_sync import broadcast_weights
+from actors.weight_sync import WeightBoard, broadcast_weights
 from cluster.plan import plan, release, reserve, resolve_device, spawn
 from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.experience import Chunk, make_train_batches
+from pipeline.experience import combine_metrics
 from pipeline.stages.context import StageContext
+from pipeline.stream import CHUNK_SEED_STRIDE, ExperienceStream
 from pipeline.types import PromptBatch
 
-CHUNK_SEED_STRIDE = 1000  # chunk c samples prompt i with seed + c * stride + i
 
-
-@dataclass(frozen=True)
-class ChunkRefs:
-    gen: Any  # ObjectRef[Rollouts]
-    reward: Any  # ObjectRef[RewardScores]
-    ref: Any  # ObjectRef[Tensor [B, T]]
-    values: Any = None  # ObjectRef[Tensor [B, T]] (ppo)
-
-
-@ray.remote(num_cpus=0)
-def _assemble(algo, kl_coef, world_size, gold_reward, n_chunks, *parts):
-    """Ray task: chunk results -> (shard_0, ..., shard_{W-1}, metrics)."""
-    per = len(parts) // n_chunks
-    chunks = [
-        Chunk(rollouts=parts[i * per], scores=parts[i * per + 1].scores, ref_logprobs=parts[i * per + 2],
-              values=parts[i * per + 3] if per == 4 else None)
-        for i in range(n_chunks)
-    ]
-    shards, metrics = make_train_batches(chunks, algo, kl_coef=kl_coef, world_size=world_size, gold_reward=gold_reward)
-    return (*shards, metrics)
+def get_all(refs: list) -> list:
+    """ray.get of every ref, raising the first failure as soon as it happens: when one learner rank dies, the
+    others wait in a collective that will never finish."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
 
 
 class Roles:
@@ -59,15 +46,21 @@ class Roles:
         self.groups = reserve(self.resource_plan, timeout_s=cfg.placement.timeout_s)
         roles, policy = self.resource_plan.roles, self.policy_dir
         reference = Path(cfg.reference.model) if cfg.reference.model is not None else policy
-        seed = cfg.run.seed
-        self.rollouts = spawn(RolloutWorker, roles["rollout"], self.groups,
-                              [(cfg.rollout, policy)] * roles["rollout"].count, {"seed": seed})
-        self.rewards = spawn(RewardWorker, roles["reward"], self.groups,
-                             [(cfg.reward, ctx.reward_dirs())] * roles["reward"].count)
-        self.references = spawn(ReferenceWorker, roles["reference"], self.groups,
-                                [(cfg.reference, reference)] * roles["reference"].count)
+        # Crashed rollout, reward and reference actors are restarted by Ray (their calls in flight retried); they
+        # sign in with the board, and a restarted rollout worker takes the current weights from it.
+        self.board = ray.remote(num_cpus=0)(WeightBoard).remote()
+        restarts = {"restarts": cfg.run.max_restarts}
+        self.rollouts = spawn(RolloutWorker, roles["rollout"], self.groups, [(cfg.rollout, policy)] * roles[
+            "rollout"].count, {"seed": cfg.run.seed, "board": self.board}, **restarts)
+        self.rewards = spawn(RewardWorker, roles["reward"], self.groups, [(cfg.reward, ctx.reward_dirs())] * roles[
+            "reward"].count, {"board": self.board}, **restarts)
+        self.references = spawn(ReferenceWorker, roles["reference"], self.groups, [(cfg.reference, reference)] * roles[
+            "reference"].count, {"board": self.board}, **restarts)
         self.learners = self._learner_group(PolicyLearner, "learner")
         self.critic = self._learner_group(ValueLearner, "critic") if "critic" in roles else None
+        self.stream: ExperienceStream | None = None
+        self.chunks = 0  # chunks of the step fed last
+        self.workers = len(self.rollouts) + len(self.rewards) + len(self.references)
 
     def _learner_group(self, cls: type, role: str) -> LearnerGroup:
         rp = self.resource_plan.roles[role]
@@ -83,57 +76,56 @@ class Roles:
         for group in groups:
             group.setup()
         ray.get(pending)
+        roles.open_stream()
         return roles
 
-    def experience(self, prompts: list[str], *, seed: int) -> list[ChunkRefs]:
-        """Launch generate -> score -> reference (-> values) for every chunk of prompts; -> refs per chunk."""
-        g, size = self.cfg.rollout.samples_per_prompt, self.cfg.rollout.chunk_size
-        out = []
-        for c, start in enumerate(range(0, len(prompts), size)):
-            batch = PromptBatch(prompts[start : start + size], g, seed=seed + CHUNK_SEED_STRIDE * c)
-            gen = self.rollouts[c % len(self.rollouts)].generate.remote(batch)
-            reward = self.rewards[c % len(self.rewards)].score.remote(gen)
-            ref = self.references[c % len(self.references)].logprobs.remote(gen)
-            values = None
-            if self.critic is not None:  # every critic rank joins the forward (ZeRO-3 gathers are collective)
-                values = [a.compute_values.remote(gen) for a in self.critic.actors][0]
-            out.append(ChunkRefs(gen, reward, ref, values))
-        return out
+    def open_stream(self) -> None:
+        """Build the experience stream and hand each learner rank its split (and its critic rank, for PPO)."""
+        critics = self.critic.actors if self.critic is not None else []
+        self.stream = ExperienceStream(rollouts=self.rollouts, rewards=self.rewards, references=self.references,
+                                       critics=critics, algo=self.cfg.algo, gold_reward=self.gold_reward,
+                                       num_splits=len(self.learners.actors))
+        ray.get([a.attach_stream.remote(split, critics[r] if critics else None)
+                 for r, (a, split) in enumerate(zip(self.learners.actors, self.stream.splits, strict=True))])
 
-    def assemble(self, chunks: list[ChunkRefs], *, kl_coef: float) -> tuple[list, Any]:
-        """-> (one TrainBatch ref per learner rank, ref of the step's experience metrics)."""
-        world = len(self.learners.actors)
-        parts = [r for c in chunks for r in (c.gen, c.reward, c.ref, c.values) if r is not None]
-        refs = _assemble.options(num_returns=world + 1).remote(
-            self.cfg.algo, kl_coef, world, self.gold_reward, len(chunks), *parts
-        )
-        return list(refs[:world]), refs[world]
+    def feed(self, step: int, prompts: list[str], *, seed: int, kl_coef: float) -> None:
+        """Queue a step's prompts into the stream: from here they sample, score and take reference logprobs."""
+        r = self.cfg.rollout
+        self.chunks = self.stream.put(step, prompts, samples_per_prompt=r.samples_per_prompt,
+                                      chunk_size=r.chunk_size, seed=seed, kl_coef=kl_coef)
 
-    def train(self, shards: list) -> dict[str, float]:
-        policy = [a.train_step.remote(s) for a, s in zip(self.learners.actors, shards, strict=True)]
-        critic = []
+    def train(self, step: int) -> tuple[dict[str, float], list[tuple[str, float, float]], float]:
+        """Every learner rank takes its share of `step`'s chunks from the stream and updates (the critic too).
+        -> (train and experience metrics, the chunks' stage intervals, wall time the last chunk arrived)."""
+        per_rank = self.chunks // len(self.learners.actors)
+        results = get_all([a.train_from_stream.remote(step, per_rank) for a in self.learners.actors])
+        metrics = mean_metrics([r["train"] for r in results])
         if self.critic is not None:
-            critic = [a.train_step.remote(s) for a, s in zip(self.critic.actors, shards, strict=True)]
-        results = ray.get(policy + critic)
-        metrics = mean_metrics(results[: len(policy)])
-        if critic:
-            metrics.update({f"critic/{k}": v for k, v in mean_metrics(results[len(policy) :]).items()})
-        return metrics
+            critic = mean_metrics(ray.get([r["critic"] for r in results]))
+            metrics.update({f"critic/{k}": v for k, v in critic.items()})
+        chunks = [c for r in results for c in r["chunks"]]
+        metrics.update(combine_metrics([m for m, _ in chunks]))
+        metrics["faults/restarts"] = float(ray.get(self.board.sign_ins.remote()) - self.workers)
+        return metrics, [t for _, times in chunks for t in times], max(r["ready"] for r in results)
 
     def sync(self, version: int) -> float:
-        return broadcast_weights(self.learners.gather_weights(), version, self.rollouts)
+        return broadcast_weights(self.learners.gather_weights(), version, self.rollouts, board=self.board)
 
     def evaluate(self, prompts: list[str], *, seed: int) -> dict[str, float]:
         """Sample the held-out prompts (G each, seeded) with the current policy; reward and gold reward means."""
-        chunks = self.experience(prompts, seed=seed)
-        rollouts = ray.get([c.gen for c in chunks])
-        scores = torch.cat([s.scores for s in ray.get([c.reward for c in chunks])])
-        out = {"eval/reward": scores.mean().item(), "eval/prompts": float(len(prompts))}
+        g, size = self.cfg.rollout.samples_per_prompt, self.cfg.rollout.chunk_size
+        gens = [
+            self.rollouts[c % len(self.rollouts)].generate.remote(
+                PromptBatch(prompts[start : start + size], g, seed=seed + CHUNK_SEED_STRIDE * c))
+            for c, start in enumerate(range(0, len(prompts), size))
+        ]
+        scores = ray.get([self.rewards[c % len(self.rewards)].score.remote(gen) for c, gen in enumerate(gens)])
+        out = {"eval/reward": torch.cat([s.scores for s in scores]).mean().item(), "eval/prompts": float(len(prompts))}
         if self.gold_reward is not None:
             from actors.reward import import_reward_function
 
             gold_fn = import_reward_function(self.gold_reward)
-            gold = [x for r in rollouts for x in gold_fn(r.prompts, r.responses)]
+            gold = [x for r in ray.get(gens) for x in gold_fn(r.prompts, r.responses)]
             out["eval/gold_reward"] = sum(gold) / len(gold)
         return out
 
@@ -156,6 +148,8 @@ class Roles:
         self.learners.save_pretrained(out_dir)
 
     def shutdown(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
         for group in (self.learners, self.critic):
             if group is not None:
                 group.shutdown()

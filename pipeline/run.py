@@ -4,12 +4,14 @@ interrupted one from its last complete checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from pipeline.errors import UserError
 from pipeline.stages import Artifacts, StageContext, stage_function
 
 SUMMARY = "summary.json"
+CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # see loopback_only
 # Per-file progress bars of tokenizers/transformers in every actor would bury the run's own progress line.
 QUIET_ENV = {
     "TQDM_DISABLE": "1",
@@ -69,14 +72,40 @@ def start_ray(cfg: Config, min_cpus: float = 8) -> None:
 
     need = plan(cfg).total().get("CPU", 0.0) + 2  # + Ray Data and Ray Train coordinators
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.init(
-        num_cpus=int(max(min_cpus, need, os.cpu_count() or 1)),
-        runtime_env={"env_vars": QUIET_ENV},
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-        configure_logging=False,
-    )
+    with loopback_only():
+        ray.init(
+            num_cpus=int(max(min_cpus, need, os.cpu_count() or 1)),
+            runtime_env={"env_vars": QUIET_ENV},
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=False,
+        )
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """While it is open, a local Ray started here listens on 127.0.0.1 only: GCS, raylet, workers and agents.
+
+    Ray 2.60 turns a `_node_ip_address` of 127.0.0.1 into the machine's outward address, and then its servers
+    listen on every interface, unless multi-node clusters are off (`ray_constants.ENABLE_RAY_CLUSTER`, read
+    from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when Ray is imported): then the node address is the loopback one.
+    The variable reaches the processes ray.init starts (their workers inherit it); this process imported Ray
+    already, hence the constant. Both are restored afterwards, so a later `ray start` of a multi-node cluster
+    from this process still works. tests/integration/test_faults.py checks every listening socket."""
+    import ray._private.ray_constants as ray_constants
+
+    saved = os.environ.get(CLUSTERS_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[CLUSTERS_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop(CLUSTERS_ENV, None)
+        else:
+            os.environ[CLUSTERS_ENV] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -105,6 +134,13 @@ def run(cfg: Config, *, resume: Path | None = None, log=print) -> Path:
     else:
         run_dir = new_run_dir(cfg)
         log(f"run: {run_dir}")
+    return run_stages(cfg, run_dir, log)
+
+
+def run_stages(cfg: Config, run_dir: Path, log=print) -> Path:
+    """Run the stages of `cfg` that `run_dir` has not finished; the first SIGINT/SIGTERM stops at the next clean
+    point and raises Interrupted. -> run_dir."""
+    start_ray(cfg)  # first: ray.init installs a SIGTERM handler of its own (exit at once) that would replace ours
     stop = StopRequest(log)
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -115,7 +151,6 @@ def run(cfg: Config, *, resume: Path | None = None, log=print) -> Path:
 
 
 def _run_stages(cfg: Config, run_dir: Path, log, stop: StopRequest) -> Path:
-    start_ray(cfg)
     artifacts = Artifacts.load(run_dir)
     summary = read_summary(run_dir)
     started = time.perf_counter()

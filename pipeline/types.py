@@ -6,7 +6,7 @@ Tp prompt tokens (left-padded), T response tokens (right-padded). Masks are bool
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +59,24 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
+
+
+@dataclass
+class ExperienceItem:
+    """One chunk of a step on its way through the experience stream (pipeline/stream.py): each stage fills its
+    field; the advantage stage folds them into `train` and `metrics`. `times`: (stage, start, end) wall clock."""
+
+    step: int
+    chunk: int  # index within the step: rollout/reward/reference worker chunk % n takes it
+    kl_coef: float  # the KL coefficient when the step was queued
+    prompts: PromptBatch
+    rollouts: Rollouts | None = None
+    scores: Tensor | None = None  # [B]
+    ref_logprobs: Tensor | None = None  # [B, T]
+    values: Tensor | None = None  # [B, T] (ppo)
+    train: TrainBatch | None = None
+    metrics: dict[str, float] | None = None
+    times: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 def pad_right(rows: list[list[int | float]], pad: int | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

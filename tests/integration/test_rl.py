@@ -136,3 +136,65 @@ def test_async_mode_samples_one_update_behind_and_learns(sft_run, tmp_path):
     assert [r["weight_version"] for r in steps] == [0, 0] + list(range(1, 11))
     s = summary(run_dir)
     assert s["gold_reward/final"] - s["gold_reward/initial"] >= 0.04, s
+
+
+def kill_role(proc: subprocess.Popen, role: str) -> int:
+    """SIGKILL the first process of `role` (Ray titles actor processes `ray::<Class>...`) under the run `proc`.
+    -> its pid. Only the run's own descendants are looked at, never another Ray on the machine."""
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            title = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith(f"ray::{role}"):
+            child.kill()
+            return child.pid
+    raise AssertionError(f"no {role} process under the run")
+
+
+def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tmp_path):
+    # Real faults in a real run: SIGKILL the rollout worker (step >= 1), the reward worker (>= 2), a learner
+    # (>= 3: the run restarts from checkpoint 3 by itself, run.max_failures=1) and a learner again (>= 4: out of
+    # restarts, exit 1 with one line), then --resume to the end.
+    cut = continue_with_rl(sft_run, tmp_path / "faults", ["run.max_steps=6", "run.checkpoint_every=1",
+                                                            "run.max_failures=1"])
+    proc = subprocess.Popen([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    plan = [(1, "RolloutWorker"), (2, "RewardWorker"), (3, "PolicyLearner"), (4, "PolicyLearner")]
+    deadline = time.monotonic() + 900
+    while plan and proc.poll() is None and time.monotonic() < deadline:
+        rows = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
+        if rows and rows[-1]["step"] >= plan[0][0]:
+            kill_role(proc, plan.pop(0)[1])
+            while len([r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]) == len(rows):
+                if proc.poll() is not None:  # expected only after the last kill
+                    break
+                time.sleep(0.5)  # wait for the next step
+        time.sleep(0.5)
+    _, err = proc.communicate(timeout=600)
+    assert not plan and proc.returncode == 1, err[-3000:]
+    assert "an actor died" in err and "--resume" in err, err[-3000:]
+    resumed = subprocess.run([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # each step once: nothing lost or counted twice
+    assert all(r["samples"] == 32 * 8 for r in steps)
+    assert max(r["faults/restarts"] for r in steps) >= 2  # the rollout and the reward worker came back
+    # the restarted rollout worker sampled with the learners' current weights
+    assert max(r["mismatch/logprob_abs_max"] for r in steps) <= 1e-3
+    assert [r["weight_version"] for r in steps] == [0, 1, 2, 3, 4, 5]
+
+
+def test_non_finite_rewards_skip_updates_then_stop_the_run(sft_run, tmp_path):
+    from pipeline.errors import RunFailure
+
+    cut = continue_with_rl(sft_run, tmp_path / "nan", ["reward.function=tests.integration.custom_reward:nan_reward",
+                                                        "run.max_steps=6", "run.max_bad_steps=2"])
+    with pytest.raises(RunFailure, match=r"rl step 2: non-finite reward for 2 steps in a row"):
+        run(load_config(None), resume=cut, log=lambda _: None)
+    steps = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
+    assert [(r["step"], r["bad/skipped"], r["bad/reward"]) for r in steps] == [(1, 1.0, 1.0), (2, 1.0, 1.0)]
+    assert not any("loss/policy" in r for r in steps)  # no update was made

@@ -3,9 +3,17 @@
 import pytest
 import torch
 
+from actors.engine import concat_batches
 from pipeline.algo import gae, grpo_advantages, masked_whiten, reinforce_pp_advantages, rloo_advantages
 from pipeline.config import AlgoConfig
-from pipeline.experience import Chunk, concat_rollouts, make_train_batches
+from pipeline.experience import (
+    Chunk,
+    chunk_experience,
+    combine_metrics,
+    concat_rollouts,
+    make_train_batches,
+    stage_seconds,
+)
 from pipeline.types import Rollouts, pad_left, pad_right
 
 GOLD = "pipeline.tasks.synthetic:gold_reward"
@@ -95,3 +103,33 @@ def test_shards_split_rows_and_gold_is_measured():
     assert metrics["gold_reward/mean"] == 0.0  # " ka ." is not a sentence
     with pytest.raises(ValueError, match="equal"):
         make_train_batches(two_chunks(), AlgoConfig(name="grpo"), kl_coef=0.0, world_size=3)
+
+
+def test_chunk_by_chunk_equals_the_joined_step_for_group_methods():
+    # The experience stream computes advantages and metrics per chunk; for GRPO (group baselines) joining the
+    # chunk batches and combining the chunk metrics must give what the whole step gives.
+    algo = AlgoConfig(name="grpo")
+    (whole,), whole_metrics = make_train_batches(two_chunks(), algo, kl_coef=0.1, world_size=1, gold_reward=GOLD)
+    parts = [chunk_experience(c, algo, kl_coef=0.1, gold_reward=GOLD) for c in two_chunks()]
+    joined = concat_batches([b for b, _ in parts])
+    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "advantages", "old_logprobs"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    combined = combine_metrics([m for _, m in parts])
+    assert combined.keys() == whole_metrics.keys()
+    for key, value in whole_metrics.items():
+        assert combined[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_pooled_std_by_hand():
+    # values [1, 3] and [5]: mean 3, sample std sqrt(((1-3)^2 + 0 + (5-3)^2) / 2) = 2
+    parts = [{"r/mean": 2.0, "r/std": 2**0.5, "samples": 2.0}, {"r/mean": 5.0, "r/std": 0.0, "samples": 1.0}]
+    out = combine_metrics(parts)
+    assert out["r/mean"] == pytest.approx(3.0) and out["r/std"] == pytest.approx(2.0) and out["samples"] == 3.0
+
+
+def test_stage_seconds_gives_each_moment_to_the_earliest_busy_stage():
+    # window [0, 10]: gen 1-4 (chunk 0) and 3-6 (chunk 1), reward 4-7 overlaps gen until 6, ref 7-8, idle 8-10
+    intervals = [("gen", 1.0, 4.0), ("gen", 3.0, 6.0), ("reward", 4.0, 7.0), ("ref", 7.0, 8.0), ("ref", -5.0, -4.0)]
+    out = stage_seconds(intervals, 0.0, 10.0)
+    assert out == {"gen": 5.0, "reward": 1.0, "ref": 1.0, "values": 0.0, "advantage": 0.0, "stream": 3.0}
+    assert sum(out.values()) == pytest.approx(10.0)

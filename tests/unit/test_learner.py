@@ -131,3 +131,27 @@ def test_shard_splits_every_per_sequence_field():
     assert parts[1].ref_logprobs is None
     with pytest.raises(ValueError, match="equal"):
         shard(batch, 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_non_finite_reward_or_loss_skips_the_update(task_dir, backend):
+    lrn = learner(task_dir, backend=backend, zero_stage=0)
+    before = [p.detach().clone() for p in lrn.engine.module.parameters()]
+    batch = on_policy(lrn, make_batch(7, seed=2))
+    row = next(i for i in range(3, 6) if batch.response_mask[i].sum() >= 2)  # in micro-batch 2, >= 2 tokens
+
+    def with_advantage(value: float) -> TrainBatch:
+        adv = batch.advantages.clone()
+        adv[row][batch.response_mask[row]] = value
+        return TrainBatch(**{**batch.__dict__, "advantages": adv})
+
+    m = lrn.train_step(with_advantage(float("nan")))  # a NaN reward: caught before any forward
+    assert m["bad/reward"] == 1.0 and m["bad/skipped"] == 1.0 and "loss/policy" not in m
+    # finite inputs, but the token sum of 3e38 overflows: micro-batch 1's loss is finite, micro-batch 2's is not
+    m = lrn.train_step(with_advantage(3e38))
+    assert m["bad/loss"] == 1.0 and m["bad/skipped"] == 1.0
+    after = list(lrn.engine.module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert lrn.optimizer_steps() == 0
+    m = lrn.train_step(batch)  # a good batch still updates
+    assert "bad/skipped" not in m and lrn.optimizer_steps() == 1
