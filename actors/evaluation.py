@@ -1,6 +1,6 @@
-"""Small evaluations of the offline stages, run as Ray tasks: gold reward of policy samples and held-out preference
-accuracy of reward models. They reuse the roles' own code paths (the HF rollout engine, the reward-model scorer),
-so what is measured is what the RL stage will see."""
+"""Small evaluations of the offline stages and the `eval` stage, run as Ray tasks: gold reward of policy samples,
+and held-out preference accuracy and margins of reward models. They reuse the roles' own code paths (the HF rollout
+engine, the reward-model scorer), so what is measured is what the RL stage will see."""
 
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def preference_accuracy(
     members = [pair_accuracy(c, r) for c, r in zip(chosen_scores, rejected_scores, strict=True)]
     ensemble = pair_accuracy(ensemble_mean_std(chosen_scores)[0], ensemble_mean_std(rejected_scores)[0])
     return {"member_mean": sum(members) / len(members), "ensemble": ensemble}
+
+
+def preference_margins(
+    model_dirs: list[str], micro_batch_size: int, prompts: list[str], chosen: list[str], rejected: list[str]
+) -> Tensor:
+    """reward(chosen) - reward(rejected) of each of K reward models on B labelled pairs: [K, B], scored by the RL
+    stage's own scorer."""
+    scorer = ModelScorer([Path(d) for d in model_dirs], micro_batch_size)
+    return scorer.score(prompts, chosen) - scorer.score(prompts, rejected)
 
 
 def implicit_reward_accuracy(

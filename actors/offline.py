@@ -1,4 +1,5 @@
-"""Offline training on Ray Train: the per-worker loops of the `sft`, `reward` and `dpo` stages.
+"""Offline training on Ray Train: the per-worker loops of the `sft`, `reward` and `dpo` stages (and the `irl`
+stage's discriminator updates, which are reward-model training with another pair loss).
 
 Each Ray Train worker is one data-parallel rank with a DeepSpeed (or plain torch) engine from actors.engine, in the
 process group Ray Train set up. Rows arrive as clean strings from `ray.train.get_dataset_shard`; a rank tokenizes
@@ -31,7 +32,7 @@ from actors.reference import load_frozen_model
 from actors.reward import reward_model_inputs, reward_model_scores
 from actors.rollout import pad_token_id
 from actors.sequences import response_logprobs
-from pipeline.algo import aggregate_loss, bt_loss, dpo_loss, masked_mean, masked_sum
+from pipeline.algo import aggregate_loss, bt_loss, demo_discriminator_loss, dpo_loss, masked_mean, masked_sum
 from pipeline.config import DpoConfig, LearnerConfig
 from pipeline.types import pad_left, pad_right
 
@@ -43,13 +44,19 @@ SHUFFLE_ROWS = 4096  # local shuffle buffer: the whole of a tiny dataset, a wind
 PAIR_AGG = "seq-mean-token-mean"
 # Sequence logprob of a response under each DPO loss: summed (DPO), or averaged over tokens (IPO, as in the paper).
 SEQUENCE_LOGPROBS: dict[str, Callable[..., Tensor]] = {"sigmoid": masked_sum, "ipo": masked_mean}
+# Reward-model losses of (first, second) scores [B] each: Bradley-Terry on (chosen, rejected) preferences, or the
+# discriminator on (demonstration, policy sample) pairs of one prompt (equal counts, so its class means are pair means).
+PAIR_LOSSES: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]] = {
+    "bt": bt_loss,
+    "discriminator": demo_discriminator_loss,
+}
 
 
 @dataclass(frozen=True)
 class OfflineJob:
     """What every worker of one offline stage gets: its slice of the config and the paths."""
 
-    stage: str  # "sft", "reward" or "dpo": the prefix of progress lines
+    stage: str  # "sft", "reward", "dpo" or "irl": the prefix of progress lines
     learner: LearnerConfig  # with the stage's lr and epochs
     init_dir: str  # the model to start from
     tokenizer_dir: str
@@ -61,6 +68,8 @@ class OfflineJob:
     datasets: tuple[str, ...] = ("train",)  # dataset name per member (bootstrap: one resample each)
     reference_dir: str | None = None  # dpo: the frozen reference policy
     dpo: DpoConfig | None = None
+    pair_loss: str = "bt"  # reward: a key of PAIR_LOSSES
+    new_head: bool = True  # reward: draw the score head afresh (False: continue a trained reward model)
 
 
 @dataclass(frozen=True)
@@ -167,13 +176,16 @@ def reward_loop(config: dict[str, Any]) -> None:
         model = AutoModelForSequenceClassification.from_pretrained(job.init_dir, num_labels=1, dtype=torch.float32)
         # HF pools each row at its last non-pad token: it needs the pad id, and so does anyone loading the export.
         model.config.pad_token_id = tokenizer.pad_token_id
-        redraw_head(model)
+        if job.new_head:
+            redraw_head(model)
         return model
+
+    pair_loss = PAIR_LOSSES[job.pair_loss]
 
     def loss_fn(engine: TrainEngine) -> Callable:
         def loss(i: int, mb: ScoreBatch) -> tuple[Tensor, dict[str, float]]:
             scores = reward_model_scores(engine.model, mb.input_ids, mb.attention_mask)
-            return bt_loss(scores[0::2], scores[1::2])
+            return pair_loss(scores[0::2], scores[1::2])
 
         return loss
 
@@ -267,6 +279,8 @@ def train_member(
         for batch in epoch_batches(shard, job.batch_size // world, seed=seed * 1000 + epoch):
             batch = to_device(collate(batch), engine.device)
             m = accumulate_update(engine, batch, micro_batch_size=micro_rows, agg=agg, world_size=world, loss_fn=loss)
+            if any(k.startswith("bad/") for k in m):  # a non-finite batch: skipped on every rank
+                raise FloatingPointError(f"{job.stage}: epoch {epoch + 1}: non-finite {', '.join(m)}; no update made")
             metrics.append(m)
             rows += len(batch) // (2 if pairs else 1)
         record = {

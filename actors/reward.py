@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import numbers
 import time
 import urllib.error
@@ -18,8 +17,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import ray
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
 
@@ -96,9 +96,10 @@ def checked_rewards(values, count: int, source: str) -> Tensor:
     if len(values) != count:
         raise RewardError(f"{source} returned {len(values)} rewards for {count} sequences")
     for i, v in enumerate(values):
-        # bool is an int subclass, but True as a reward is a bug, not 1.0
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise RewardError(f"{source} returned {v!r} at index {i}; rewards must be finite numbers")
+        # bool is an int subclass, but True as a reward is a bug, not 1.0. NaN and inf pass: the learners skip
+        # (and count) a step whose rewards are not finite, and the run stops after run.max_bad_steps of them.
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise RewardError(f"{source} returned {v!r} at index {i}; rewards must be numbers")
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -215,7 +216,8 @@ class RemoteScorer:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 data = b""
-                while chunk := response.read(1 << 16):
+                # read1: whatever has arrived (one recv), so the deadline is checked while bytes trickle in
+                while chunk := response.read1(1 << 16):
                     data += chunk
                     if time.monotonic() > deadline:  # a server trickling bytes would reset the per-read timeout
                         raise TimeoutError(f"reply not complete after {self.timeout_s} s")
@@ -246,10 +248,11 @@ class RewardWorker:
 
     model_dirs: the reward model, or the K members of an ensemble (empty when no model is used)."""
 
-    def __init__(self, cfg: RewardConfig, model_dirs: Sequence[Path] = ()):
+    def __init__(self, cfg: RewardConfig, model_dirs: Sequence[Path] = (), *, board: Any = None):
         self.cfg = cfg
         self.model_dirs = [Path(d) for d in model_dirs]
         self.scorers: dict[str, Scorer] = {}
+        self.board = board  # a WeightBoard actor to sign in with (restarts are counted there)
 
     def setup(self) -> None:
         sources = configured_sources(self.cfg, self.model_dirs)
@@ -261,14 +264,25 @@ class RewardWorker:
         if "model" in self.cfg.weights and "model" not in sources:
             raise ConfigError("reward.weights gives a weight for 'model', but the run has no reward model")
         self.scorers = {name: SCORERS[name].from_config(self.cfg, self.model_dirs) for name in sources}
+        if self.board is not None:
+            ray.get(self.board.sign_in.remote())
+
+    def load_reward_models(self, model_dirs: Sequence[Path]) -> None:
+        """Score with these reward-model dirs from now on (the other sources stay): the `irl` stage's reward changes
+        every round, and a live worker can take it without a restart. Calls are serial in an actor, so no batch is
+        scored by a mix of old and new models."""
+        if not model_dirs or "model" not in self.scorers:
+            raise ValueError("load_reward_models needs reward-model dirs and a worker set up with a reward model")
+        self.model_dirs = [Path(d) for d in model_dirs]
+        self.scorers["model"] = ModelScorer.from_config(self.cfg, self.model_dirs)
 
     def score(self, rollouts: Rollouts) -> RewardScores:
         return self.score_texts(rollouts.prompts, rollouts.responses)
 
     def score_texts(self, prompts: list[str], responses: list[str]) -> RewardScores:
         """Rewards of B (prompt, response) texts; `score` for data that is not a Rollouts (demos, preferences)."""
-        if not self.scorers:
-            raise RuntimeError("RewardWorker.setup() must run before scoring")
+        if not self.scorers:  # also the first call after Ray restarted this actor
+            self.setup()
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         scores = torch.zeros(len(prompts))

@@ -8,14 +8,26 @@ role shares bundle i and takes an equal share of its CPU and GPU (e.g. reward an
 Learners are packed together (their DP group all-reduces every step); rollout engines get one bundle each, with
 `rollout.tensor_parallel_size` GPUs; `placement.resources` adds custom node resources per role (e.g. rollout
 engines on inference nodes).
+
+Where each role goes on a multi-node cluster is stated by its `RolePlan`: the nodes it may use (those holding its
+custom resources, else any) and how its group is laid out over them (`STRATEGY`). Tested on a 2-node cluster
+(tests/integration/test_placement_multinode.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("rollout", "reward", "reference", "learner", "critic")
+# Placement group strategy per role. PACK: as few nodes as fit (learners and the critic all-reduce every step;
+# reward and reference models are read by the same chunk of work); SPREAD: one engine per node while nodes last
+# (rollout engines are independent, and spreading them spreads generation's memory bandwidth). Both are soft:
+# Ray falls back when the preferred layout does not fit. A colocated group packs unless all its roles spread.
+STRATEGY = {"rollout": "SPREAD", "reward": "PACK", "reference": "PACK", "learner": "PACK", "critic": "PACK"}
+STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 @dataclass(frozen=True)
@@ -24,10 +36,22 @@ class RolePlan:
     group: str  # name of the placement group holding this role's bundles
     bundles: list[dict[str, float]]  # actor i goes into bundle i of its group
     share: float = 1.0  # fraction of each bundle's CPU/GPU one actor takes (< 1 when colocated)
+    strategy: str = "PACK"  # placement group strategy of its group (STRATEGY)
 
     @property
     def count(self) -> int:
         return len(self.bundles)
+
+    def node_resources(self) -> dict[str, float]:
+        """Custom resources a node must hold for this role's actors (`placement.resources`); {} = any node."""
+        return {k: v for k, v in self.bundles[0].items() if k not in STANDARD_RESOURCES} if self.bundles else {}
+
+    def where(self) -> str:
+        """Where the role's actors go, in words: which nodes, and how they are laid out over them."""
+        custom = self.node_resources()
+        nodes = "on nodes with " + ", ".join(f"{k}>={v:g}" for k, v in custom.items()) if custom else "on any node"
+        layout = "packed onto as few nodes as fit" if self.strategy == "PACK" else "spread over nodes"
+        return f"{nodes}, {layout}"
 
     def actor_resources(self, i: int) -> dict[str, Any]:
         """Ray actor options for actor i: its share of bundle i (custom resources are held by the bundle)."""
@@ -52,13 +76,25 @@ class ResourcePlan:
                 out[key] = out.get(key, 0.0) + amount
         return out
 
+    def trial_bundles(self) -> list[dict[str, float]]:
+        """The plan as the bundles of one placement group, for a Ray Tune trial: bundle i holds bundle i of every
+        group, so actor i of each role keeps bundle index i and the roles need no offsets. Same total."""
+        merged: list[dict[str, float]] = []
+        for bundles in self.groups.values():
+            for i, bundle in enumerate(bundles):
+                if i == len(merged):
+                    merged.append({})
+                for key, amount in bundle.items():
+                    merged[i][key] = merged[i].get(key, 0.0) + amount
+        return merged
+
     def describe(self) -> str:
         lines = [f"resource plan ({self.device}):"]
         for role in ROLES:
             if role in self.roles:
                 rp = self.roles[role]
                 share = f"  share {rp.share:.2f} of group {rp.group}" if rp.share < 1 else ""
-                lines.append(f"  {role:<9} x{rp.count}  {rp.bundles[0]}{share}")
+                lines.append(f"  {role:<9} x{rp.count}  {rp.bundles[0]}{share}  {rp.where()}")
         return "\n".join(lines)
 
 
@@ -92,8 +128,10 @@ def plan(cfg: Any, *, device: str = "cpu") -> ResourcePlan:
         name = "+".join(members)
         n = max(counts[r] for r in members)
         groups[name] = [bundle(members)] * n
+        strategy = "SPREAD" if all(STRATEGY[r] == "SPREAD" for r in members) else "PACK"
         for role in members:
-            roles[role] = RolePlan(role, name, groups[name][: counts[role]], share=1.0 / len(members))
+            roles[role] = RolePlan(role, name, groups[name][: counts[role]], share=1.0 / len(members),
+                                   strategy=strategy)
     return ResourcePlan(device=device, roles={r: roles[r] for r in ROLES if r in roles}, groups=groups)
 
 
@@ -106,25 +144,49 @@ def resolve_device(cfg: Any) -> str:
     return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
+_trial_group: Any = None  # set by `within_trial` in a Ray Tune trial's process
+
+
+@contextmanager
+def within_trial(pg: Any) -> Iterator[None]:
+    """Inside, `reserve` hands out `pg` (the placement group Ray Tune reserved for the trial, laid out by
+    `ResourcePlan.trial_bundles`) instead of creating groups, and `release` leaves it to Tune: Ray has no nested
+    placement groups, and a second reservation would count the trial's resources twice."""
+    global _trial_group
+    _trial_group = pg
+    try:
+        yield
+    finally:
+        _trial_group = None
+
+
 def reserve(resource_plan: ResourcePlan, *, timeout_s: float = 120.0) -> dict[str, Any]:
     """Create every placement group of the plan and wait for it; -> group name -> placement group.
     A clear error names the group, its bundles and what the cluster has free."""
     import ray
     from ray.util.placement_group import placement_group
 
+    if _trial_group is not None:
+        have, want = _trial_group.bundle_specs, resource_plan.trial_bundles()
+        if [{k: v for k, v in b.items() if v} for b in have[: len(want)]] != want:
+            raise RuntimeError(f"the trial's placement group has bundles {have}; this plan needs {want}")
+        return dict.fromkeys(resource_plan.groups, _trial_group)
     made: dict[str, Any] = {}
+    strategies = {rp.group: rp.strategy for rp in resource_plan.roles.values()}
     for name, bundles in resource_plan.groups.items():
-        # Learners all-reduce every step: keep them on one node when it fits (PACK falls back to spreading).
-        pg = placement_group(bundles, strategy="PACK", name=f"raylign-{name}")
+        pg = placement_group(bundles, strategy=strategies.get(name, "PACK"), name=f"raylign-{name}")
         made[name] = pg
         try:
             ray.get(pg.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             free = {k: v for k, v in ray.available_resources().items() if "_group_" not in k}
+            missing = sorted(set(bundles[0]) - set(ray.cluster_resources()))
+            hint = (f"; no node has {', '.join(missing)} (start nodes with `ray start --resources="
+                    f"'{{\"{missing[0]}\": N}}'`, or change placement.resources)" if missing else "")
             release(made)
             raise RuntimeError(
                 f"could not place {name} ({len(bundles)} bundles of {bundles[0]}) within {timeout_s:.0f} s; "
-                f"the cluster has free: {', '.join(f'{k}={v:g}' for k, v in sorted(free.items()))}"
+                f"the cluster has free: {', '.join(f'{k}={v:g}' for k, v in sorted(free.items()))}{hint}"
             ) from None
     return made
 
@@ -133,11 +195,14 @@ def release(groups: dict[str, Any]) -> None:
     import ray
 
     for pg in groups.values():
-        ray.util.remove_placement_group(pg)
+        if pg is not _trial_group:
+            ray.util.remove_placement_group(pg)
 
 
-def spawn(cls: type, role_plan: RolePlan, groups: dict[str, Any], args_per_actor: list[tuple], kwargs=None) -> list:
-    """Make `cls` a Ray actor and start one per bundle of the role, actor i in bundle i of its group."""
+def spawn(cls: type, role_plan: RolePlan, groups: dict[str, Any], args_per_actor: list[tuple], kwargs=None, *,
+          restarts: int = 0) -> list:
+    """Make `cls` a Ray actor and start one per bundle of the role, actor i in bundle i of its group. With
+    `restarts` > 0 Ray restarts a crashed actor in its bundle that many times and retries its calls in flight."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -147,6 +212,7 @@ def spawn(cls: type, role_plan: RolePlan, groups: dict[str, Any], args_per_actor
     actors = []
     for i, args in enumerate(args_per_actor):
         strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
-        options = {**role_plan.actor_resources(i), "scheduling_strategy": strategy}
+        options = {**role_plan.actor_resources(i), "scheduling_strategy": strategy, "max_restarts": restarts,
+                   "max_task_retries": restarts}
         actors.append(ray.remote(cls).options(**options).remote(*args, **(kwargs or {})))
     return actors

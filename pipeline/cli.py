@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import RunFailure, UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -67,6 +67,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"raylign: {e}; resume with: raylign run {args.config} --resume <run dir>", file=sys.stderr)
         return e.exit_code
     print(run_dir)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.run import Interrupted
+    from pipeline.sweep import sweep
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        sweep_dir = sweep(cfg, resume=Path(args.resume) if args.resume else None)
+    except Interrupted as e:
+        print(f"raylign: {e}; resume with: raylign sweep {args.config} --resume <sweep dir>", file=sys.stderr)
+        return e.exit_code
+    import ray
+
+    ray.shutdown()  # workers' late log lines come before the sweep dir, which stays the last line
+    print(sweep_dir)
     return 0
 
 
@@ -133,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run dir (its saved config)")
     run.set_defaults(func=cmd_run)
 
+    sweep = commands.add_parser(
+        "sweep", help="Ray Tune trials over config keys (e.g. the KL coefficient); the reward-vs-KL frontier",
+        description="Run the stages before `rl` once, then one Ray Tune trial per point of the `sweep.space` of "
+        "CONFIG, each running `rl` and reporting every step, in a new sweep dir (printed last) with results.csv, "
+        "best.yaml and frontier.png. Exit 130 on SIGINT after saving the Tune state; --resume SWEEP_DIR runs only "
+        "the unfinished trials.",
+    )
+    sweep.add_argument("config", metavar="CONFIG")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.max_steps=10 sweep.scheduler=asha")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", default=None, help="continue this sweep dir (its saved config)")
+    sweep.set_defaults(func=cmd_sweep)
+
     config = commands.add_parser("config", help="inspect configs").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND"
     )
@@ -145,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", metavar="CONFIG")
     show.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. algo.kl.coef=0.1 stages=[reward]")
     show.set_defaults(func=cmd_config_show)
+
+    from pipeline.submit import add_commands as add_submit_commands  # `submit` and `jobs list|status|logs|stop`
+
+    add_submit_commands(commands)
     return parser
 
 
@@ -155,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"raylign: error: {e}", file=sys.stderr)
         return 2
+    except RunFailure as e:
+        print(f"raylign: run failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("raylign: interrupted", file=sys.stderr)
         return 130

@@ -139,7 +139,7 @@ class RowCheck:
         if isinstance(value, list):
             return self._render(column, value)
         if not isinstance(value, str):
-            return f"{column} is a {type(value).__name__}; expected a string or a messages list"
+            return f"{column} has type {type(value).__name__}; expected a string or a messages list"
         if not value.strip():
             return f"{column} is empty"
         return (value,)
@@ -194,7 +194,7 @@ def _parquet_records(path: Path, kind: str) -> Iterator[tuple[int, None, dict[st
     try:
         reader = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: cannot read as Parquet (truncated or not Parquet?): {e}") from None
+        raise DataError(f"{path}: cannot read as Parquet (truncated or not Parquet?): {_one_line(e)}") from None
     names = set(reader.schema_arrow.names)
     missing = [c for c in COLUMNS[kind] if c not in names and not (c in ("prompt", "response") and "messages" in names)]
     if missing:
@@ -204,17 +204,31 @@ def _parquet_records(path: Path, kind: str) -> Iterator[tuple[int, None, dict[st
         )
     row = 0
     try:
-        for batch in reader.iter_batches(batch_size=BATCH_ROWS):
-            for record in batch.to_pylist():
-                yield row, None, record
-                row += 1
+        # one row group at a time, so a corrupt group is named by its first row (a batch may span groups)
+        for group in range(reader.num_row_groups):
+            for batch in reader.iter_batches(batch_size=BATCH_ROWS, row_groups=[group]):
+                for record in batch.to_pylist():
+                    yield row, None, record
+                    row += 1
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: unreadable after row {row - 1} (truncated or corrupt Parquet?): {e}") from None
+        # rows are decoded a batch at a time: `row` is the first row of the batch that failed
+        raise DataError(
+            f"{path}: row {row}: unreadable from here on (truncated or corrupt Parquet?): {_one_line(e)}"
+        ) from None
+
+
+def _one_line(error: Exception) -> str:
+    """pyarrow's messages span lines; the CLI prints an error as one line."""
+    return " ".join(str(error).split())
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, int, dict[str, Any] | str]]:
     row = 0
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open: {e.strerror}") from None
+    with f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -224,7 +238,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, int, dict[str, Any] | str]
                 yield row, line_no, f"not valid UTF-8 (byte {e.start})"
             else:
                 try:
-                    record = json.loads(text)
+                    record = json.loads(text.rstrip("\r\n"))  # so an error's column lies on the line
                 except json.JSONDecodeError as e:
                     yield row, line_no, f"not valid JSON ({e.msg} at column {e.colno})"
                 else:
@@ -263,7 +277,14 @@ def check_file(path: Path, check: RowCheck) -> DataReport:
 
 
 def enforce(report: DataReport, on_bad_rows: str, log=print) -> None:
-    """Apply `data.on_bad_rows`: stop on any bad row (`error`), or report the dropped ones (`skip`)."""
+    """Apply `data.on_bad_rows`: stop on any bad row (`error`), or report the dropped ones (`skip`). Duplicate
+    rows are kept (a prompt may fairly appear twice) but reported, with the first pair."""
+    if report.duplicates:
+        row, first = report.duplicates[0]
+        log(
+            f"data: {report.path}: {len(report.duplicates)} duplicate rows kept (row {row} repeats row {first}; "
+            f"`raylign data check {report.path} --kind {report.kind}` lists them all)"
+        )
     if not report.bad:
         return
     first = report.bad[0].describe(report.path)

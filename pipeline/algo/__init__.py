@@ -12,6 +12,16 @@ from pipeline.algo.advantages import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from pipeline.algo.evaluation import (
+    Calibration,
+    best_of_n,
+    best_of_n_kl,
+    bootstrap_ci,
+    calibration_bins,
+    preference_probabilities,
+    quantile_bins,
+    win_outcomes,
+)
 from pipeline.algo.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -44,9 +54,14 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
+    "Calibration",
     "FixedKLController",
     "aggregate_loss",
+    "best_of_n",
+    "best_of_n_kl",
+    "bootstrap_ci",
     "bt_loss",
+    "calibration_bins",
     "demo_discriminator_loss",
     "discounted_returns",
     "dpo_loss",
@@ -70,6 +85,8 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "ppo_policy_loss",
+    "preference_probabilities",
+    "quantile_bins",
     "reinforce_pp_advantages",
     "rloo_advantages",
     "shaped_token_rewards",
@@ -77,4 +94,5 @@ __all__ = [
     "truncated_is_weights",
     "uncertainty_penalized",
     "value_loss",
+    "win_outcomes",
 ]

@@ -17,7 +17,9 @@ STAGES: dict[str, str] = {  # stage name -> "module:function"
     "sft": "pipeline.stages.sft:run",
     "reward": "pipeline.stages.reward:run",
     "dpo": "pipeline.stages.dpo:run",
+    "irl": "pipeline.stages.irl:run",
     "rl": "pipeline.stages.rl:run",
+    "eval": "pipeline.stages.eval:run",
 }
 
 

@@ -1,6 +1,8 @@
 """The `dpo` stage: direct preference optimization of the policy on preferences (prompt, chosen, rejected), against
 the policy before the stage as the frozen reference, on Ray Train with a DeepSpeed engine per worker
 (actors.offline). `dpo.loss_type` picks DPO (sigmoid) or IPO; `dpo.label_smoothing` > 0 is conservative DPO.
+`dpo.pairs` picks the preferences file, or pairs of the reference's own samples labelled by the synthetic task's
+raters.
 
 Leaves <stage dir>/policy and records it as `policy` (the reference becomes `initial_policy`). When the task has a
 gold reward, `dpo/gold_win_rate` is the share of held-out prompts on which a sample from the new policy has a
@@ -11,12 +13,28 @@ higher gold reward than a sample from the reference (ties count half), over `dpo
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
+
+import ray
 
 from actors.evaluation import implicit_reward_accuracy, sample_gold
 from actors.offline import dpo_loop
+from pipeline.errors import ConfigError
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import fit, heldout_rows, last_epoch, offline_job, remote, train_dataset, unique
+from pipeline.stages.offline import (
+    fit,
+    heldout_rows,
+    last_epoch,
+    offline_job,
+    policy_samples,
+    quiet,
+    remote,
+    task_info,
+    train_dataset,
+    unique,
+)
+from pipeline.tasks.synthetic import rate_pairs
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -34,7 +52,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         reference_dir=str(reference),
         dpo=dpo,
     )
-    train = train_dataset(ctx, "preferences", tokenizer)
+    train = policy_pairs(ctx, reference) if dpo.pairs == "policy" else train_dataset(ctx, "preferences", tokenizer)
     records = fit(ctx, "dpo", dpo_loop, job, {"train": train}, dpo.max_failures)
     ctx.record(initial_policy=str(reference), policy=str(out))
     summary = last_epoch(records, {"loss/dpo": "dpo/loss", "dpo/reward_accuracy": "dpo/reward_accuracy"})
@@ -58,6 +76,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
             )
     summary["timing/dpo"] = time.perf_counter() - start
     return summary
+
+
+def policy_pairs(ctx: StageContext, reference: Path) -> ray.data.Dataset:
+    """`dpo.pairs=policy`: two samples of the reference per pair on the training prompts, labelled by the task's
+    simulated raters (the same Bradley-Terry raters as preferences.parquet), so the pairs lie where the policy
+    puts its mass (on-policy preference data, as in online / iterative DPO)."""
+    info = task_info(ctx)
+    if "label_temperature" not in info:
+        raise ConfigError("dpo.pairs=policy needs the synthetic task's raters: run a `synth` stage first")
+    cfg, n = ctx.cfg, ctx.cfg.dpo.policy_pairs_per_prompt
+    prompts = [r["prompt"] for r in train_dataset(ctx, "prompts", ctx.tokenizer_dir()).take_all()]
+    samples = policy_samples(cfg.rollout, reference, prompts, 2 * n, seed=cfg.run.seed)  # [P * 2n]
+    pair_prompts = [p for p in prompts for _ in range(n)]
+    rows = rate_pairs(pair_prompts, samples[0::2], samples[1::2], temperature=info["label_temperature"],
+                      seed=cfg.run.seed)
+    ctx.log(f"dpo: {len(rows)} pairs of reference samples on {len(prompts)} prompts, labelled by the task's raters")
+    return quiet(ray.data.from_items(rows))
 
 
 def win_rate(new: list[float], old: list[float]) -> float:

@@ -14,10 +14,13 @@ from typing import Any
 import ray
 
 from actors.offline import OfflineJob
+from actors.rollout import RolloutWorker
 from cluster.plan import resolve_device
+from pipeline.config import RolloutConfig
 from pipeline.data import RowCheck, read_dataset
 from pipeline.errors import ConfigError
 from pipeline.stages.context import StageContext
+from pipeline.types import PromptBatch
 
 POLL_S = 0.5  # how often the progress printer looks for a finished fit
 
@@ -151,6 +154,18 @@ def describe(record: dict[str, Any]) -> str:
 def remote(fn: Callable, *args, **kwargs):
     """Run `fn` as a one-CPU Ray task and wait for it: small evaluations stay off the driver's process."""
     return ray.get(ray.remote(num_cpus=1)(fn).remote(*args, **kwargs))
+
+
+def policy_samples(rollout: RolloutConfig, policy: str | Path, prompts: list[str], samples_per_prompt: int, *,
+                   seed: int) -> list[str]:
+    """`samples_per_prompt` responses per prompt ([P * G], a prompt's consecutive) from a rollout worker on `policy`
+    with the configured engine, as a Ray actor that is gone afterwards."""
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(rollout, Path(policy), seed=seed)
+    try:
+        ray.get(worker.setup.remote())
+        return ray.get(worker.generate.remote(PromptBatch(prompts, samples_per_prompt, seed=seed))).responses
+    finally:
+        ray.kill(worker)
 
 
 def task_info(ctx: StageContext) -> dict[str, Any]:

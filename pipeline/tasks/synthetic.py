@@ -27,7 +27,7 @@ from pipeline.tasks import language
 from pipeline.tasks.language import gold_reward, sample_prompt, sample_response
 from pipeline.tasks.tiny_models import build_policy, build_reward_model, num_parameters, train_tokenizer
 
-__all__ = ["gold_reward", "write_task"]
+__all__ = ["gold_reward", "rate_pairs", "write_task"]
 
 DEMO_CANDIDATES = 4  # each demonstration is the best of this many high-quality samples
 
@@ -47,6 +47,11 @@ def _demo(rng: random.Random, prompt: str) -> str:
 
 def _pair(rng: random.Random, prompt: str, tau: float) -> dict:
     a, b = (sample_response(rng, prompt, quality=rng.random()) for _ in range(2))
+    return _rate(rng, prompt, a, b, tau)
+
+
+def _rate(rng: random.Random, prompt: str, a: str, b: str, tau: float) -> dict:
+    """One simulated rater's label of the pair (a, b): Bradley-Terry on the gold reward with temperature tau."""
     gold_a, gold_b = gold_reward([prompt, prompt], [a, b])
     p_a = 1 / (1 + math.exp(-(gold_a - gold_b) / tau))
     a_chosen = rng.random() < p_a
@@ -58,6 +63,14 @@ def _pair(rng: random.Random, prompt: str, tau: float) -> dict:
         "_bayes": max(p_a, 1 - p_a),
         "_noisy": (gold_a < gold_b) if a_chosen else (gold_b < gold_a),
     }
+
+
+def rate_pairs(prompts: list[str], first: list[str], second: list[str], *, temperature: float, seed: int) -> list[dict]:
+    """The task's simulated raters label new pairs (e.g. two samples of a policy) as they labelled
+    preferences.parquet: -> rows {prompt, chosen, rejected}, one per pair."""
+    rng = random.Random(seed)
+    rows = [_rate(rng, p, a, b, temperature) for p, a, b in zip(prompts, first, second, strict=True)]
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
 def _write(path: Path, rows: list[dict]) -> None:

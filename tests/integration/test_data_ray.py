@@ -8,6 +8,8 @@ import pytest
 
 from pipeline.data import RowCheck, read_dataset
 from pipeline.errors import DataError
+from tests.unit import test_bad_data as bad_data
+from tests.unit.test_bad_data import FILE_CASES, ROW_CASES
 
 
 def rows(n):
@@ -65,3 +67,33 @@ def test_error_mode_stops_before_any_work(local_ray, tmp_path):
     pq.write_table(pa.Table.from_pylist(data), path)
     with pytest.raises(DataError, match="row 7: chosen is empty"):
         read_dataset(path, check(), on_bad_rows="error")
+
+
+# --- issue 10's bad inputs through the reader a run uses (the cases of tests/unit/test_bad_data.py) ---
+
+
+@pytest.mark.parametrize("case_id", ROW_CASES)
+def test_reader_stops_on_a_bad_row_or_drops_exactly_it(local_ray, tmp_path, task_dir, case_id):
+    case = ROW_CASES[case_id]
+    path = case.make(tmp_path)
+    rc = bad_data.row_check(bad_data.tokenizer_for(case_id, task_dir))
+    with pytest.raises(DataError) as info:
+        read_dataset(path, rc, on_bad_rows="error", log=lambda _: None)
+    assert str(info.value).startswith(f"{path}: row {bad_data.BAD_ROW}") and case.reason in str(info.value)
+    logged = []
+    ds, report = read_dataset(path, rc, on_bad_rows="skip", log=logged.append)
+    assert (report.rows, report.good_rows) == (bad_data.ROWS, bad_data.ROWS - 1)
+    assert logged[0].startswith(f"data: skipping 1 of {bad_data.ROWS} rows")
+    kept = sorted(r["prompt"] for r in ds.take_all())
+    assert kept == sorted(r["prompt"] for i, r in enumerate(bad_data.prefs()) if i != bad_data.BAD_ROW)
+
+
+@pytest.mark.parametrize("case_id", FILE_CASES)
+def test_reader_refuses_a_bad_file_in_both_modes(local_ray, tmp_path, case_id):
+    make, says = FILE_CASES[case_id]
+    path = make(tmp_path)
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError) as info:
+            read_dataset(path, bad_data.row_check(), on_bad_rows=mode, log=lambda _: None)
+        assert str(path) in str(info.value) and ("all 3 rows are bad" if case_id == "wrong-type-column" and
+                                                 mode == "skip" else says) in str(info.value)

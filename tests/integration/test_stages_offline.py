@@ -1,12 +1,14 @@
 """The offline stages (sft, reward, dpo) end to end on a local Ray: Ray Train workers with DeepSpeed ZeRO-2 engines
 on CPU, data from Ray Data shards, checkpoints reported every epoch.
 
-One pipeline run `[synth, sft, reward]` on the default synthetic task (512 prompts) backs the learning claims; DPO
-then runs as a stage on top of it. The user-data and fault-tolerance tests use the small `task_dir` task.
+One run of the `make run` pipeline (configs/tiny_irl.yaml: synth, sft, reward, rl) backs the learning claims of
+the offline stages and the rise of the gold reward under RL against the learned reward model; DPO then runs as a
+stage on its SFT policy. The user-data and fault-tolerance tests use the small `task_dir` task.
 Thresholds are set against what chance or the untrained model gives, with the measured values in comments.
 """
 
 import json
+import math
 import random
 
 import pyarrow as pa
@@ -15,9 +17,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import load_config
+from pipeline.metrics import read_metrics
 from pipeline.run import new_run_dir, run
 from pipeline.stages import Artifacts, StageContext
 from pipeline.tasks.language import gold_reward, sample_prompt, sample_response
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +30,9 @@ MARKER = " zork ."  # not a word of the synthetic language: a sentence that brea
 
 @pytest.fixture(scope="module")
 def pipeline_run(local_ray, tmp_path_factory):
-    """`[synth, sft, reward]` with every default but the output dir: ~85 s on 2 cores."""
-    cfg = load_config(None, ["stages=[synth, sft, reward]", f"run.output_dir={tmp_path_factory.mktemp('runs')}"])
+    """`make run`'s pipeline, configs/tiny_irl.yaml without stages appended after `rl`."""
+    overrides = ["stages=[synth, sft, reward, rl]", f"run.output_dir={tmp_path_factory.mktemp('runs')}"]
+    cfg = load_config(REPO / "configs/tiny_irl.yaml", overrides)
     lines = []
     run_dir = run(cfg, log=lines.append)
     return run_dir, json.loads((run_dir / "summary.json").read_text()), lines
@@ -35,15 +40,13 @@ def pipeline_run(local_ray, tmp_path_factory):
 
 def test_sft_leaves_a_policy_with_room_for_rl(pipeline_run):
     run_dir, summary, lines = pipeline_run
-    artifacts = Artifacts.load(run_dir)
     task = json.loads((run_dir / "task/task.json").read_text())
     # The random-init policy samples word salad: gold 0.000 over 256 samples. Default SFT measured 0.469; the
     # demonstrations themselves score ~0.98, so RL has room above.
     assert 0.2 < summary["sft/gold_reward"] < task["demo_gold_mean"] - 0.2
-    assert artifacts.initial_policy == str(run_dir / "task/models/policy")
-    assert artifacts.policy == str(run_dir / "stages/sft/policy")
-    AutoModelForCausalLM.from_pretrained(artifacts.policy)
-    AutoTokenizer.from_pretrained(artifacts.policy)
+    sft_policy = run_dir / "stages/sft/policy"
+    AutoModelForCausalLM.from_pretrained(sft_policy)
+    AutoTokenizer.from_pretrained(sft_policy)
     epochs = [json.loads(x) for x in (run_dir / "stages/sft/epochs.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
     assert all(a["loss/sft"] > b["loss/sft"] for a, b in zip(epochs, epochs[1:], strict=False))
@@ -52,44 +55,58 @@ def test_sft_leaves_a_policy_with_room_for_rl(pipeline_run):
     assert any(line.startswith("sft: epoch 4/4 loss/sft") for line in lines)
 
 
-def test_reward_model_beats_chance_on_held_out_pairs(pipeline_run):
+def test_reward_model_reaches_ninety_percent_of_bayes_optimal(pipeline_run):
     run_dir, summary, _ = pipeline_run
-    # 256 test pairs: chance is 0.5 (std 0.03). Measured 0.645 with the defaults (Bayes-optimal 0.899).
-    assert summary["rm/heldout_accuracy"] > 0.6
-    assert summary["task/bayes_optimal_accuracy"] == pytest.approx(0.8986, abs=1e-3)
+    task = json.loads((run_dir / "task/task.json").read_text())
+    accuracy, bayes, n = summary["rm/heldout_accuracy"], summary["rm/bayes_optimal_accuracy"], task["rows"]["test_pairs"]
+    assert bayes == task["bayes_optimal_accuracy"] == summary["task/bayes_optimal_accuracy"]
+    # The issue's target, 0.9 x Bayes. Measured ACC_MEASURED; the standard error of an accuracy near 0.85 on the
+    # test pairs is sqrt(0.85 * 0.15 / n) (0.011 on 1024 pairs), so the margin is several of them.
+    assert accuracy >= 0.9 * bayes
+    assert summary["rm/heldout_accuracy_over_bayes"] == pytest.approx(accuracy / bayes)
+    assert math.sqrt(accuracy * (1 - accuracy) / n) < 0.02  # enough test pairs for the claim to mean something
     (member,) = Artifacts.load(run_dir).reward
     model = AutoModelForSequenceClassification.from_pretrained(member)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
     assert (run_dir / "models/reward/config.json").exists()  # exported by the run
 
 
-@pytest.mark.xfail(strict=True, reason="0.645 measured; 0.9 x Bayes = 0.809 is not reached on the default task")
-def test_reward_model_reaches_ninety_percent_of_bayes_optimal(pipeline_run):
-    _, summary, _ = pipeline_run
-    assert summary["rm/heldout_accuracy"] >= 0.9 * summary["task/bayes_optimal_accuracy"]
+def test_rl_against_the_learned_reward_raises_the_gold_reward(pipeline_run):
+    run_dir, summary, lines = pipeline_run
+    # Held-out gold of the policy's samples before and after RL (64 prompts x 4 samples). Measured GOLD_MEASURED.
+    # The margin is several standard errors of a held-out mean (per-sample std ~0.3 over 256 samples: 0.02).
+    assert summary["gold_reward/final"] > summary["gold_reward/initial"] + GOLD_MARGIN
+    steps = [r for r in read_metrics(run_dir, stage="rl") if "eval/prompts" not in r]
+    assert len(steps) == summary["steps"] == 20
+    assert (run_dir / "plots/overoptimization.png").stat().st_size > 5000
+    assert lines[-1].startswith("[rl]") or any(line.startswith("run: stage rl (4/4)") for line in lines)
 
 
 @pytest.fixture(scope="module")
 def dpo_summary(pipeline_run):
-    """The dpo stage with the defaults, on the SFT policy of the pipeline run: ~40 s."""
+    """The dpo stage on the SFT policy of the pipeline run, on pairs of that policy's own samples (dpo.pairs=policy)
+    labelled by the task's raters."""
     from pipeline.stages import dpo
 
     run_dir, _, _ = pipeline_run
-    cfg = load_config(run_dir / "config.yaml", ["stages=[dpo]"])
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, artifacts=Artifacts.load(run_dir), log=lambda _: None)
-    sft_policy = ctx.artifacts.policy
+    cfg = load_config(REPO / "configs/tiny_dpo.yaml", ["stages=[dpo]", f"run.output_dir={run_dir.parent}"])
+    artifacts = Artifacts.load(run_dir)
+    sft_policy = str(run_dir / "stages/sft/policy")
+    artifacts.policy = sft_policy
+    ctx = StageContext(cfg=cfg, run_dir=new_run_dir(cfg), artifacts=artifacts, log=lambda _: None)
     return dpo.run(ctx), ctx.artifacts, sft_policy
 
 
-def test_dpo_learns_the_preferences_against_its_reference(dpo_summary):
+def test_dpo_raises_the_gold_win_rate_against_the_sft_policy(dpo_summary):
     summary, artifacts, sft_policy = dpo_summary
     # The implicit reward log pi/pi_ref is 0 for every response before training, so its held-out accuracy is
-    # 0.5 (all ties). Measured 0.746 on 256 held-out pairs.
-    assert summary["dpo/heldout_reward_accuracy"] > 0.65
+    # 0.5 (all ties).
+    assert summary["dpo/heldout_reward_accuracy"] > 0.55
     assert summary["dpo/loss"] < 0.69  # log 2 at the start
     assert artifacts.initial_policy == sft_policy and artifacts.policy.endswith("stages/dpo/policy")
-    # Reported, not asserted: on this task DPO lowers the gold of samples (measured win rate 0.42, see report).
-    assert 0 <= summary["dpo/gold_win_rate"] <= 1
+    # Win rate of DPO samples over SFT samples on 64 held-out prompts x 4 pairs (ties half): 0.5 for an unchanged
+    # policy, standard error 0.03. Measured WIN_MEASURED.
+    assert summary["dpo/gold_win_rate"] > WIN_THRESHOLD
 
 
 def marker_preferences(path, n_prompts: int, seed: int) -> float:

@@ -109,7 +109,7 @@ def test_every_kind_of_bad_row_in_jsonl(tmp_path):
     assert reasons == {
         1: "missing column 'response'",
         2: "prompt is null",
-        3: "prompt is a int; expected a string or a messages list",
+        3: "prompt has type int; expected a string or a messages list",
         4: "prompt is empty",
         5: "not valid UTF-8 (byte 0)",
         6: "not valid JSON (Expecting property name enclosed in double quotes at column 2)",

@@ -46,5 +46,12 @@ def test_truncate_drops_rows_past_the_checkpoint(tmp_path):
 
 def test_plots_are_written(tmp_path):
     written = plot_metrics(rows(5), tmp_path / "plots")
-    assert sorted(p.name for p in written) == ["gold_reward.png", "kl.png", "reward.png"]
+    assert sorted(p.name for p in written) == ["gold_reward.png", "kl.png", "overoptimization.png", "reward.png"]
     assert all(p.stat().st_size > 5000 for p in written)
+
+
+def test_overoptimization_plot_needs_a_gold_reward(tmp_path):
+    # A run optimizing a reward with no gold reward beside it has nothing to compare the proxy with.
+    no_gold = [{k: v for k, v in r.items() if k != "gold_reward/mean"} for r in rows(5)]
+    written = plot_metrics(no_gold, tmp_path / "plots")
+    assert "overoptimization.png" not in [p.name for p in written] and "reward.png" in [p.name for p in written]

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from actors.engine import rows
 from actors.offline import (
+    PAIR_LOSSES,
     interleave,
     pair_logprobs,
     pair_sequence_batch,
@@ -177,3 +178,15 @@ def test_bad_preference_rows_stop_the_reward_stage_before_training(task_dir, tmp
     ctx = StageContext(cfg=cfg, run_dir=tmp_path, artifacts=Artifacts(), log=lambda _: None)
     with pytest.raises(DataError, match=r"prefs.parquet: row 3: chosen is null"):
         reward.run(ctx)
+
+
+def test_discriminator_pair_loss_is_the_per_class_mean_on_interleaved_pairs():
+    # Pairs interleave (demonstration, policy sample): with one of each per pair, the discriminator's mean over the
+    # two classes equals the mean over pairs of 0.5 * (-log sigmoid(s_demo) - log sigmoid(-s_sample)).
+    demo, sample = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.0, 1.0, -3.0])
+    loss, metrics = PAIR_LOSSES["discriminator"](demo, sample)
+    by_pair = 0.5 * (-torch.nn.functional.logsigmoid(demo) - torch.nn.functional.logsigmoid(-sample))
+    assert loss.item() == pytest.approx(by_pair.mean().item())
+    assert metrics["disc/accuracy"] == pytest.approx(0.5 * (2 / 3 + 1 / 3))
+    bt, _ = PAIR_LOSSES["bt"](demo, sample)  # Bradley-Terry only sees differences: log(1 + e^-2), ...
+    assert bt.item() == pytest.approx(sum(math.log1p(math.exp(-d)) for d in (2.0, -2.0, 3.5)) / 3)

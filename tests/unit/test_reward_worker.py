@@ -3,7 +3,9 @@ the weighted sum, the uncertainty penalty, config errors, and the HTTP scorer ag
 
 import contextlib
 import json
+import pickle
 import shutil
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -144,6 +146,19 @@ def test_ensemble_mean_std_and_uncertainty_penalty(reward_dir, second_reward_dir
     torch.testing.assert_close(got.parts["model"], got.scores)
 
 
+def test_loading_new_reward_models_changes_the_scores_in_place(reward_dir, second_reward_dir):
+    w = worker(RewardConfig(function=GOLD), [reward_dir])
+    before = w.score_texts(PROMPTS, RESPONSES)
+    w.load_reward_models([second_reward_dir])
+    after = w.score_texts(PROMPTS, RESPONSES)
+    torch.testing.assert_close(after.parts["model"], direct_scores(second_reward_dir, concat(PROMPTS, RESPONSES)),
+                               atol=1e-5, rtol=0)
+    assert not torch.allclose(before.parts["model"], after.parts["model"])
+    torch.testing.assert_close(after.parts["function"], before.parts["function"])  # the other sources stay
+    with pytest.raises(ValueError, match="reward-model dirs"):
+        worker(RewardConfig(function=GOLD)).load_reward_models([second_reward_dir])
+
+
 # --- reward function and weights ---
 
 
@@ -212,13 +227,18 @@ def text_reward(prompts, responses):
 
 @pytest.mark.parametrize(
     "name, says",
-    [("short_reward", "returned 5 rewards for 6"), ("nan_reward", "nan at index 0"), ("text_reward", "'1.0'")],
+    [("short_reward", "returned 5 rewards for 6"), ("text_reward", "'1.0'")],
 )
 def test_function_returning_bad_values_is_a_clear_error(name, says):
     w = worker(RewardConfig(function=f"tests.unit.test_reward_worker:{name}"))
     with pytest.raises(RewardError, match="reward.function") as info:
         w.score_texts(PROMPTS, RESPONSES)
     assert says in str(info.value)
+
+
+def test_non_finite_rewards_pass_through_for_the_learners_to_skip():
+    w = worker(RewardConfig(function="tests.unit.test_reward_worker:nan_reward"))
+    assert torch.isnan(w.score_texts(PROMPTS, RESPONSES).scores).all()
 
 
 def test_no_source_is_a_config_error():
@@ -348,3 +368,81 @@ def test_http_failure_then_success_is_a_success():
     with reward_server(error_500, lengths) as (url, seen):
         got = remote(url, max_retries=1).score_texts(PROMPTS, RESPONSES)
     assert len(seen) == 2 and got.scores.tolist() == [float(len(r)) for r in RESPONSES]
+
+
+def error_503(handler, body):
+    send(handler, 503, b"")
+
+
+def error_429(handler, body):
+    send(handler, 429, b"")
+
+
+def no_rewards_key(handler, body):
+    send(handler, 200, json.dumps({"scores": [1.0] * len(body["responses"])}).encode())
+
+
+def trickle(handler, body):
+    """Headers at once, then one byte every 0.1 s: each read is within the 0.3 s timeout, the reply is not."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    for _ in range(40):
+        handler.wfile.write(b" ")
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "behaviour, says",
+    [
+        (error_503, "HTTP 503"),
+        (error_429, "HTTP 429"),
+        (no_rewards_key, "bad reply (KeyError: 'rewards')"),
+        (lambda h, b: send(h, 200, b'{"rewards": [1.0, "x", 1.0, 1.0, 1.0, 1.0]}'), "returned 'x' at index 1"),
+        (trickle, "reply not complete after 0.3 s"),
+    ],
+    ids=["503", "429", "no-rewards-key", "not-a-number", "trickle"],
+)
+def test_more_http_failures_are_retried_then_one_clear_error(behaviour, says):
+    with reward_server(behaviour) as (url, seen):
+        w = remote(url, max_retries=1)
+        start = time.monotonic()
+        with pytest.raises(RemoteRewardError) as info:
+            w.score_texts(PROMPTS, RESPONSES)
+        elapsed = time.monotonic() - start
+    assert len(seen) == 2 and info.value.attempts == 2 and says in str(info.value)
+    assert elapsed < 3.0  # nothing hangs: two attempts of at most ~timeout_s each, plus the backoff
+
+
+def test_nothing_listening_is_retried_then_fails():
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/score"
+    with pytest.raises(RemoteRewardError, match="Connection refused") as info:
+        remote(url, max_retries=2).score_texts(PROMPTS, RESPONSES)
+    assert info.value.attempts == 3 and info.value.url == url
+
+
+def test_retries_back_off_exponentially():
+    arrivals = []
+
+    def late_500(handler, body):
+        arrivals.append(time.monotonic())
+        error_500(handler, body)
+
+    with reward_server(late_500) as (url, _):
+        w = worker(RewardConfig(url=url, timeout_s=1.0, max_retries=3, backoff_s=0.1))
+        with pytest.raises(RemoteRewardError):
+            w.score_texts(PROMPTS, RESPONSES)
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert len(gaps) == 3
+    for gap, wait in zip(gaps, (0.1, 0.2, 0.4), strict=True):  # backoff_s, 2 backoff_s, 4 backoff_s
+        assert wait <= gap < wait + 0.5, gaps
+
+
+def test_remote_reward_error_survives_pickling_as_ray_sends_it():
+    err = RemoteRewardError("http://127.0.0.1:1/score", 3, "HTTP 500 Internal Server Error")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.url, back.attempts, back.reason, str(back)) == (err.url, err.attempts, err.reason, str(err))

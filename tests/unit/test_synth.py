@@ -84,3 +84,27 @@ def test_tokenizer_round_trips_any_utf8(tokenizer, text):
 def test_tokenizer_adds_bos_and_keeps_language_words_whole(tokenizer):
     ids = tokenizer("veli ka")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == 3
+
+
+def test_rate_pairs_labels_new_pairs_like_the_task_raters():
+    import random
+
+    from pipeline.tasks.language import sample_prompt, sample_response
+    from pipeline.tasks.synthetic import rate_pairs
+
+    rng = random.Random(3)
+    prompts = [sample_prompt(rng) for _ in range(200)]
+    first = [sample_response(rng, p, quality=0.95) for p in prompts]
+    second = [sample_response(rng, p, quality=0.05) for p in prompts]
+    rows = rate_pairs(prompts, first, second, temperature=1e-4, seed=0)
+    assert [sorted(r) for r in rows] == [["chosen", "prompt", "rejected"]] * len(rows)
+    assert all({r["chosen"], r["rejected"]} == {a, b} for r, a, b in zip(rows, first, second, strict=True))
+    # tau -> 0: the rater always picks the higher gold (ties are coin flips)
+    gold_a, gold_b = gold_reward(prompts, first), gold_reward(prompts, second)
+    for r, a, ga, gb in zip(rows, first, gold_a, gold_b, strict=True):
+        if ga != gb:
+            assert (r["chosen"] == a) == (ga > gb)
+    assert rows == rate_pairs(prompts, first, second, temperature=1e-4, seed=0)  # seeded
+    # a hot rater (tau = 100) is a coin: about half the pairs keep the order given
+    hot = rate_pairs(prompts, first, second, temperature=100.0, seed=1)
+    assert 0.35 < sum(r["chosen"] == a for r, a in zip(hot, first, strict=True)) / len(hot) < 0.65

@@ -1,0 +1,337 @@
+"""The `eval` stage: did the run help, and can its reward be trusted?
+
+1. sample G responses per held-out prompt from the policy and M = max(G, eval.best_of_n) from the reference, with
+   rollout workers (vLLM or HF generate) at temperature 1; score them with the run's reward (RewardWorker) and the
+   gold reward when there is one; the reference's logprobs of the policy's samples (ReferenceWorker) give the KL;
+2. the policy against the reference (pairing sample i of a prompt with sample i): win rates under the reward and
+   the gold reward, means of reward, gold reward, KL and length, each with a bootstrap interval over prompts;
+3. best-of-N from the reference under the reward for N = 1, 2, 4, ..., eval.best_of_n: gold (and reward) against
+   the analytic KL log N - (N - 1) / N, beside the policy's own point (Gao et al. 2022);
+4. reward-model calibration on the held-out preference pairs: accuracy, a reliability diagram of the
+   Bradley-Terry probability, and, for an ensemble, error rate against member disagreement.
+
+Writes eval.json and plots/eval_*.png into the run dir and returns the headline numbers for summary.json. The
+reference is `reference.model`, else the policy before the last training stage, else the policy itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.evaluation import preference_margins
+from actors.reference import ReferenceWorker
+from actors.reward import RewardWorker, configured_sources, import_reward_function
+from actors.rollout import RolloutWorker
+from cluster.plan import ResourcePlan, plan, release, reserve, resolve_device, spawn
+from pipeline.algo import (
+    best_of_n,
+    best_of_n_kl,
+    bootstrap_ci,
+    calibration_bins,
+    ensemble_mean_std,
+    masked_kl,
+    preference_probabilities,
+    quantile_bins,
+    win_outcomes,
+)
+from pipeline.config import Config
+from pipeline.data import RowCheck, read_dataset
+from pipeline.errors import ConfigError, DataError
+from pipeline.metrics import plot_best_of_n, plot_calibration
+from pipeline.stages.context import StageContext
+from pipeline.stages.offline import quiet, remote, unique
+from pipeline.stream import CHUNK_SEED_STRIDE
+from pipeline.types import PromptBatch, Rollouts
+
+Tensor = torch.Tensor
+EVAL_JSON = "eval.json"
+REFERENCE_SEED_OFFSET = 500_000  # the reference's samples are drawn independently of the policy's
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What one model's samples scored, per prompt: [P, G] each (None where the run has no such score)."""
+
+    reward: Tensor | None
+    gold: Tensor | None
+    length: Tensor  # response tokens, EOS included
+    kl: Tensor | None = None  # sequence KL(pi || ref) estimate: sum of log pi - log ref over the sampled tokens
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    start = time.perf_counter()
+    cfg, ev = ctx.cfg, ctx.cfg.eval
+    policy, reference = model_dir("model.policy", ctx.policy_dir()), reference_dir(ctx)
+    for d in ctx.reward_dirs():
+        model_dir("model.reward", d)
+    gold = gold_reward_spec(ctx)
+    prompts = unique([r["prompt"] for r in eval_rows(ctx, "prompts", ctx.tokenizer_dir())])[: ev.num_prompts]
+    ctx.log(f"eval: {policy} against {reference} on {len(prompts)} held-out prompts")
+    timing = {}
+    with EvalWorkers(cfg, ctx, policy, reference) as workers:
+        timing["setup"] = time.perf_counter() - start
+        policy_samples, reference_samples = workers.sample(prompts, gold)
+        timing["sample"] = time.perf_counter() - start - timing["setup"]
+    report: dict[str, Any] = {"policy": str(policy), "reference": str(reference), "prompts": len(prompts),
+                              "samples_per_prompt": ev.samples_per_prompt, "confidence": ev.confidence,
+                              "bootstrap_resamples": ev.bootstrap_resamples}
+    report.update(compare(policy_samples, reference_samples, cfg))
+    report["best_of_n"] = best_of_n_curve(reference_samples, cfg)
+    mark = time.perf_counter()
+    report["calibration"] = calibration(ctx)
+    timing["calibration"] = time.perf_counter() - mark
+    report["timing_s"] = {**timing, "total": time.perf_counter() - start}
+    (ctx.run_dir / EVAL_JSON).write_text(json.dumps(report, indent=1) + "\n")
+    plots = ctx.run_dir / "plots"
+    written = plot_best_of_n(report, plots / "eval_best_of_n.png")
+    written += plot_calibration(report["calibration"], plots / "eval_calibration.png")
+    summary = headline(report)
+    for line in describe(summary):
+        ctx.log(line)
+    ctx.log(f"eval: wrote {ctx.run_dir / EVAL_JSON} and {', '.join(p.name for p in written) or 'no plots'} "
+            f"({', '.join(f'{k} {v:.1f} s' for k, v in timing.items())})")
+    summary["timing/eval"] = time.perf_counter() - start
+    return summary
+
+
+def model_dir(key: str, path: Path) -> Path:
+    """`path` if it holds an HF model (config.json), else a ConfigError naming `key`."""
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{key} = {path}: not a model dir (no config.json)")
+    return Path(path)
+
+
+def reference_dir(ctx: StageContext) -> Path:
+    if ctx.cfg.reference.model is not None:
+        return model_dir("reference.model", ctx.cfg.reference.model)
+    if ctx.artifacts.initial_policy is not None:
+        return Path(ctx.artifacts.initial_policy)
+    ctx.log("eval: no reference.model and no training stage before: the policy is its own reference")
+    return ctx.policy_dir()
+
+
+def gold_reward_spec(ctx: StageContext) -> str | None:
+    spec = ctx.cfg.eval.gold_reward or ctx.gold_reward()
+    if spec is not None:
+        try:
+            import_reward_function(spec)
+        except ConfigError as e:  # it names reward.function; here the key is eval.gold_reward
+            raise ConfigError(str(e).replace("reward.function", "eval.gold_reward", 1)) from None
+    return spec
+
+
+def eval_rows(ctx: StageContext, kind: str, tokenizer_dir: Path) -> list[dict[str, str]]:
+    """The test split of `data.<kind>`, or every row when the file has no `split` column (a file given to evaluate
+    with is held out as a whole); unlike `offline.heldout_rows`, having no such rows is an error."""
+    data = ctx.cfg.data
+    check = RowCheck(kind, tokenizer_dir=tokenizer_dir, max_prompt_tokens=data.max_prompt_tokens,
+                     max_response_tokens=data.max_response_tokens)
+    path = ctx.data_file(kind)
+    ds, _ = read_dataset(path, check, on_bad_rows=data.on_bad_rows, split="test", log=ctx.log)
+    rows = quiet(ds).take_all()
+    if not rows:
+        raise DataError(f"{path}: no rows in the test split; the eval stage needs held-out {kind}")
+    return rows
+
+
+class EvalWorkers:
+    """Rollout engines for the policy and for the reference, a reward worker and a reference worker, placed by the
+    resource plan with `rollout.num_workers` engines per model. A context manager: actors and bundles are freed."""
+
+    def __init__(self, cfg: Config, ctx: StageContext, policy: Path, reference: Path):
+        ev = cfg.eval
+        self.cfg, self.log = cfg, ctx.log
+        self.g, self.m = ev.samples_per_prompt, max(ev.samples_per_prompt, ev.best_of_n)
+        self.resource_plan = eval_plan(cfg, resolve_device(cfg))
+        self.reward_dirs = ctx.reward_dirs()
+        self.has_reward = bool(configured_sources(cfg.reward, self.reward_dirs))
+        # Temperature 1 and top_p 1: the sampled-token logprobs are then the sampled distribution's.
+        self.rollout_cfg = cfg.rollout.model_copy(update={"temperature": 1.0, "top_p": 1.0})
+        self.policy, self.reference = policy, reference
+
+    def __enter__(self) -> EvalWorkers:
+        roles, n = self.resource_plan.roles, self.cfg.rollout.num_workers
+        self.groups = reserve(self.resource_plan, timeout_s=self.cfg.placement.timeout_s)
+        engines = spawn(RolloutWorker, roles["rollout"], self.groups,
+                        [(self.rollout_cfg, self.policy)] * n + [(self.rollout_cfg, self.reference)] * n,
+                        {"seed": self.cfg.run.seed})
+        self.policy_engines, self.reference_engines = engines[:n], engines[n:]
+        self.rewards = []
+        if self.has_reward:
+            self.rewards = spawn(RewardWorker, roles["reward"], self.groups,
+                                 [(self.cfg.reward, self.reward_dirs)] * roles["reward"].count)
+        self.references = spawn(ReferenceWorker, roles["reference"], self.groups,
+                                [(self.cfg.reference, self.reference)] * roles["reference"].count)
+        self.actors = engines + self.rewards + self.references
+        ray.get([a.setup.remote() for a in self.actors])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        if hasattr(self, "groups"):
+            release(self.groups)
+
+    def sample(self, prompts: list[str], gold: str | None) -> tuple[Samples, Samples]:
+        """Launch every chunk's generate -> score (-> reference logprobs) as chained actor calls, then collect."""
+        size, seed = self.cfg.rollout.chunk_size, self.cfg.run.seed
+        policy, reference = [], []
+        for c, first in enumerate(range(0, len(prompts), size)):
+            chunk, s = prompts[first : first + size], seed + CHUNK_SEED_STRIDE * c
+            pol = self._pick(self.policy_engines, c).generate.remote(PromptBatch(chunk, self.g, s))
+            ref = self._pick(self.reference_engines, c).generate.remote(
+                PromptBatch(chunk, self.m, s + REFERENCE_SEED_OFFSET)
+            )
+            policy.append((pol, self._score(pol, c), self._pick(self.references, c).logprobs.remote(pol)))
+            reference.append((ref, self._score(ref, c), None))
+        return self._collect(policy, len(prompts), gold), self._collect(reference, len(prompts), gold)
+
+    @staticmethod
+    def _pick(actors: list, c: int):
+        return actors[c % len(actors)]
+
+    def _score(self, rollouts_ref, c: int):
+        return self._pick(self.rewards, c).score.remote(rollouts_ref) if self.rewards else None
+
+    def _collect(self, chunks: list[tuple], num_prompts: int, gold: str | None) -> Samples:
+        rollouts: list[Rollouts] = ray.get([c[0] for c in chunks])
+        shape = (num_prompts, rollouts[0].group_size)
+        reward = torch.cat([s.scores for s in ray.get([c[1] for c in chunks])]) if self.rewards else None
+        gold_scores = None
+        if gold is not None:
+            fn = import_reward_function(gold)
+            gold_scores = torch.tensor([x for r in rollouts for x in fn(r.prompts, r.responses)], dtype=torch.float64)
+        kl = None
+        if chunks[0][2] is not None:
+            ref_logprobs = ray.get([c[2] for c in chunks])
+            kl = torch.cat([masked_kl(r.rollout_logprobs, lp, r.response_mask, kind="k1").sum(-1)
+                            for r, lp in zip(rollouts, ref_logprobs, strict=True)])
+        length = torch.cat([r.response_mask.sum(-1) for r in rollouts]).double()
+        return Samples(*(None if x is None else x.reshape(shape) for x in (reward, gold_scores, length, kl)))
+
+
+def eval_plan(cfg: Config, device: str) -> ResourcePlan:
+    """The plan's rollout, reward and reference roles, with twice `rollout.num_workers` engines (policy and
+    reference); no learners."""
+    engines = cfg.rollout.model_copy(update={"num_workers": 2 * cfg.rollout.num_workers})
+    full = plan(cfg.model_copy(update={"rollout": engines}), device=device)
+    roles = {r: full.roles[r] for r in ("rollout", "reward", "reference")}
+    return ResourcePlan(full.device, roles, {rp.group: full.groups[rp.group] for rp in roles.values()})
+
+
+def interval(values: Tensor, cfg: Config) -> dict[str, float]:
+    ev = cfg.eval
+    mean, low, high = bootstrap_ci(values, resamples=ev.bootstrap_resamples, seed=cfg.run.seed, level=ev.confidence)
+    return {"mean": mean, "low": low, "high": high}
+
+
+def compare(policy: Samples, reference: Samples, cfg: Config) -> dict[str, Any]:
+    """Win rates of the policy's samples against the reference's (sample i against sample i of each prompt) and
+    the means of each, with intervals."""
+    g = policy.length.shape[1]
+    out: dict[str, Any] = {"win_rate": {}, "policy_means": {}, "reference_means": {}}
+    for name in ("reward", "gold"):
+        mine, theirs = getattr(policy, name), getattr(reference, name)
+        if mine is not None:
+            out["win_rate"][name] = interval(win_outcomes(mine, theirs[:, :g]), cfg)
+            out["policy_means"][name] = interval(mine, cfg)
+            out["reference_means"][name] = interval(theirs[:, :g], cfg)
+    out["policy_means"]["length"] = interval(policy.length, cfg)
+    out["reference_means"]["length"] = interval(reference.length[:, :g], cfg)
+    out["policy_means"]["kl"] = interval(policy.kl, cfg)
+    return out
+
+
+def best_of_n_curve(reference: Samples, cfg: Config) -> list[dict[str, Any]]:
+    """Best-of-N from the reference's M samples per prompt under the run's reward: [] without a reward."""
+    if reference.reward is None:
+        return []
+    rows, n = [], 1
+    while n <= cfg.eval.best_of_n:
+        row: dict[str, Any] = {"n": n, "kl": best_of_n_kl(n), "reward": interval(best_of_n(reference.reward,
+                                                                                          reference.reward, n), cfg)}
+        if reference.gold is not None:
+            row["gold"] = interval(best_of_n(reference.reward, reference.gold, n), cfg)
+        rows.append(row)
+        n *= 2
+    return rows
+
+
+def calibration(ctx: StageContext) -> dict[str, Any]:
+    """The reward model's accuracy and calibration on the held-out preference pairs; {} without a reward model or
+    preference data."""
+    cfg, dirs = ctx.cfg, [str(d) for d in ctx.reward_dirs()]
+    if not dirs or (cfg.data.preferences is None and ctx.artifacts.task_dir is None):
+        return {}
+    rows = eval_rows(ctx, "preferences", Path(dirs[0]))
+    columns = ([r[c] for r in rows] for c in ("prompt", "chosen", "rejected"))
+    margins = remote(preference_margins, dirs, cfg.reward.micro_batch_size, *columns)  # [K, B]
+    margin, disagreement = ensemble_mean_std(margins)
+    correct = win_outcomes(margin, torch.zeros_like(margin))
+    bins = cfg.eval.calibration_bins
+    cal = calibration_bins(*preference_probabilities(margin), bins)
+    out: dict[str, Any] = {
+        "pairs": len(rows),
+        "members": len(dirs),
+        "accuracy": interval(correct, cfg),
+        "ece": cal.ece,
+        "bins": [
+            {"low": lo, "high": hi, "confidence": c, "frequency": f, "count": n}
+            for lo, hi, c, f, n in zip(cal.edges[:-1].tolist(), cal.edges[1:].tolist(), cal.confidence.tolist(),
+                                       cal.frequency.tolist(), cal.count.tolist(), strict=True)
+            if n > 0
+        ],
+    }
+    if len(dirs) > 1:
+        error = 1.0 - correct
+        xs, ys, counts = quantile_bins(disagreement, error, bins)
+        out["disagreement"] = [{"std": x, "error": y, "count": n}
+                               for x, y, n in zip(xs.tolist(), ys.tolist(), counts.tolist(), strict=True)]
+        corr = torch.corrcoef(torch.stack([disagreement.double(), error.double()]))[0, 1].item()
+        out["disagreement_error_corr"] = corr if corr == corr else None  # NaN when either is constant
+    return out
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """summary.json entries: eval/<name> for each mean, with _low and _high for its interval."""
+    out: dict[str, float] = {}
+
+    def add(key: str, iv: dict[str, float]) -> None:
+        out[key], out[f"{key}_low"], out[f"{key}_high"] = iv["mean"], iv["low"], iv["high"]
+
+    names = {"reward": "reward", "gold": "gold_reward", "kl": "kl", "length": "length"}
+    for name, iv in report["win_rate"].items():
+        add(f"eval/win_rate_{names[name]}", iv)
+    for name, iv in report["policy_means"].items():
+        add(f"eval/{names[name]}", iv)
+    for name, iv in report["reference_means"].items():
+        add(f"eval/{names[name]}_reference", iv)
+    if report["best_of_n"]:
+        top = report["best_of_n"][-1]
+        out["eval/best_of_n"] = top["n"]
+        if "gold" in top:
+            add("eval/best_of_n_gold_reward", top["gold"])
+    cal = report["calibration"]
+    if cal:
+        add("eval/rm_accuracy", cal["accuracy"])
+        out["eval/rm_ece"] = cal["ece"]
+    return out
+
+
+def describe(summary: dict[str, float]) -> list[str]:
+    """Progress lines: `eval: win_rate_gold_reward 0.613 [0.571, 0.652]`, one per headline number."""
+    lines = []
+    for key, value in summary.items():
+        if key.endswith(("_low", "_high")):
+            continue
+        bounds = f" [{summary[key + '_low']:.3f}, {summary[key + '_high']:.3f}]" if key + "_low" in summary else ""
+        shown = str(value) if isinstance(value, int) else f"{value:.3f}"
+        lines.append(f"eval: {key.removeprefix('eval/')} {shown}{bounds}")
+    return lines

@@ -1,0 +1,142 @@
+"""The `irl` stage: a reward learned from demonstrations alone, and the policy optimized against it
+(adversarial IRL in the style of GAIL / AIRL: Ho & Ermon 2016, Fu et al. 2018).
+
+Each of `irl.rounds` rounds:
+  1. sample one response per training demonstration's prompt from the current policy with a rollout worker;
+  2. update the reward model as a discriminator, demonstrations above policy samples (`demo_discriminator_loss`,
+     the reward is the discriminator's logit), on Ray Train (actors.offline.reward_loop);
+  3. run `irl.rl_steps` RL steps against the current reward with the RL loop (`pipeline.rl.train_iter`), under
+     the KL leash to the policy before the stage (the reference stays fixed across rounds).
+
+Round 1 starts the discriminator from `irl.init`; later rounds continue the last one. What differs from the
+papers: the discriminator sees whole responses (one step per episode, as a reward model does), not per-token
+transitions, and it is refit on fresh samples each round instead of one step per policy step.
+
+Each round lives in <stage dir>/round-k (discriminator, RL checkpoints, policy, round.json once finished; a
+resumed run skips finished rounds). RL steps go to metrics.jsonl with stage `irl`, numbered across rounds. With a
+gold reward, `gold_reward/initial` is the held-out gold before round 1 and `gold_reward/final` after the last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.offline import reward_loop
+from pipeline.metrics import MetricsLog, plot_metrics, read_metrics, truncate_metrics
+from pipeline.rl import train_iter
+from pipeline.stages.context import Artifacts, StageContext
+from pipeline.stages.offline import fit, last_epoch, offline_job, policy_samples, quiet, task_info, train_dataset
+
+ROUND = "round.json"  # written when a round finished: {"policy", "reward", "evals", "discriminator"}
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    start = time.perf_counter()
+    cfg, irl = ctx.cfg, ctx.cfg.irl
+    reference, tokenizer = ctx.policy_dir(), ctx.tokenizer_dir()
+    demos = train_dataset(ctx, "demos", tokenizer).take_all()
+    policy, disc = reference, initial_discriminator(ctx)
+    log = MetricsLog(ctx.run_dir, total_steps=irl.rounds * irl.rl_steps, stage="irl")
+    rounds: list[dict[str, Any]] = []
+    try:
+        for k in range(1, irl.rounds + 1):
+            round_dir = ctx.stage_dir("irl") / f"round-{k}"
+            if (round_dir / ROUND).exists():
+                done = json.loads((round_dir / ROUND).read_text())
+                ctx.log(f"irl: round {k}/{irl.rounds} finished before; skipped")
+            else:
+                # step 1. the current policy's responses to the demonstrations' prompts
+                samples = policy_samples(cfg.rollout, policy, [d["prompt"] for d in demos], 1, seed=cfg.run.seed + k)
+                # step 2. the discriminator: demonstrations above policy samples
+                disc, disc_metrics = update_discriminator(ctx, k, disc, demos, samples)
+                # step 3. RL steps against the current reward, from the current policy
+                policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, reference, log)
+                done = {"policy": policy_out, "reward": disc, "evals": evals, "discriminator": disc_metrics}
+                (round_dir / ROUND).write_text(json.dumps(done, indent=1) + "\n")
+            policy, disc = done["policy"], done["reward"]
+            rounds.append(done)
+            if ctx.stop():
+                return {}
+    finally:
+        log.close()
+    ctx.record(initial_policy=str(reference), policy=policy, reward=[disc])
+    summary = irl_summary(rounds)
+    plot_metrics([r for r in read_metrics(ctx.run_dir, stage="irl") if "eval/prompts" not in r], ctx.run_dir / "plots")
+    summary["timing/irl"] = time.perf_counter() - start
+    return summary
+
+
+def initial_discriminator(ctx: StageContext) -> str:
+    """`irl.init=policy`: the policy before the stage (a new one-label head is drawn); `task`: the synthetic
+    task's random-init reward model (the policy when the run has no task)."""
+    info = task_info(ctx)
+    if ctx.cfg.irl.init == "task" and "files" in info:
+        return str(Path(ctx.artifacts.task_dir) / info["files"]["reward"])
+    return str(ctx.policy_dir())
+
+
+def update_discriminator(
+    ctx: StageContext, k: int, init: str, demos: list[dict], samples: list[str]
+) -> tuple[str, dict[str, float]]:
+    """Train the reward model from `init` on (demonstration, policy sample) pairs of one prompt each; -> (the new
+    model's dir, its last-epoch metrics)."""
+    out = ctx.stage_dir("irl") / f"round-{k}" / "discriminator"
+    pairs = zip(demos, samples, strict=True)
+    rows = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s} for d, s in pairs]
+    job = offline_job(
+        ctx, "irl", "irl", init_dir=init, tokenizer_dir=init, out_dir=out, pair_loss="discriminator", new_head=k == 1
+    )
+    job = replace(job, seed=ctx.cfg.run.seed + k)  # a new data order per round
+    records = fit(ctx, f"irl/round-{k}", reward_loop, job, {"train": quiet(ray.data.from_items(rows))},
+                  ctx.cfg.irl.max_failures)
+    keys = {"loss/disc": "loss/disc", "disc/accuracy": "disc/accuracy", "disc/demo_score": "disc/demo_score",
+            "disc/policy_score": "disc/policy_score"}
+    metrics = last_epoch(records, keys)
+    ctx.log(f"irl: round {k} discriminator accuracy {metrics.get('disc/accuracy', float('nan')):.3f} "
+            f"(demonstrations vs samples of the current policy)")
+    return str(out / "member-0"), metrics
+
+
+def rl_round(
+    ctx: StageContext, k: int, round_dir: Path, policy: str, disc: str, reference: Path, log: MetricsLog
+) -> tuple[str, list[dict[str, float]]]:
+    """`irl.rl_steps` steps of `train_iter` from `policy` against the reward model `disc`, in its own context
+    (run dir = round_dir); -> (the new policy's dir, the held-out evaluation rows before and after)."""
+    cfg, irl = ctx.cfg, ctx.cfg.irl
+    round_cfg = cfg.model_copy(
+        update={
+            "run": cfg.run.model_copy(update={"max_steps": irl.rl_steps}),
+            "reference": cfg.reference.model_copy(update={"model": cfg.reference.model or reference}),
+        }
+    )
+    artifacts = Artifacts(task_dir=ctx.artifacts.task_dir, gold_reward=ctx.artifacts.gold_reward, policy=policy,
+                          reward=[disc])
+    round_ctx = StageContext(cfg=round_cfg, run_dir=round_dir, artifacts=artifacts, log=ctx.log, stop=ctx.stop)
+    offset = (k - 1) * irl.rl_steps
+    truncate_metrics(ctx.run_dir, stage="irl", after_step=offset)  # a round cut off runs again from its start
+    evals = []
+    for metrics in train_iter(round_cfg, round_ctx, stop=ctx.stop):
+        row = {**metrics, "step": metrics["step"] + offset, "irl/round": k}
+        log.write(row)
+        if "eval/prompts" in metrics:
+            evals.append({key: v for key, v in metrics.items() if key.startswith("eval/")})
+    return str(round_ctx.stage_dir("rl") / "policy"), evals
+
+
+def irl_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json entries: gold and reward-model reward before round 1 and after the last round, and the
+    discriminator's accuracy per round."""
+    summary: dict[str, Any] = {"irl/rounds": len(rounds)}
+    first, last = rounds[0]["evals"][0], rounds[-1]["evals"][-1]
+    if "eval/gold_reward" in first:
+        summary["gold_reward/initial"] = first["eval/gold_reward"]
+        summary["gold_reward/final"] = last["eval/gold_reward"]
+        summary["irl/gold_reward_by_round"] = [r["evals"][-1]["eval/gold_reward"] for r in rounds]
+    summary["irl/disc_accuracy_by_round"] = [r["discriminator"].get("disc/accuracy") for r in rounds]
+    return summary
