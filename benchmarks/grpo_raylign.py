@@ -72,10 +72,12 @@ def main(spec_path: str, out_path: str) -> None:
             keep = {k: v for k, v in m.items() if isinstance(v, int | float)}
             events["steps"].append({"time": now, **keep})
             print(f"raylign step {m['step']}: {m['samples_per_s']:.1f} samples/s (loop timer)", flush=True)
+        events["finished"] = time.time()
+        # Written before ray.shutdown(): a Ray Data thread that outlives the stream can end the process at
+        # shutdown ("The core worker has already been shutdown"); the driver records that exit code.
+        Path(out_path).write_text(json.dumps(events, indent=1))
     finally:
         ray.shutdown()
-    events["finished"] = time.time()
-    Path(out_path).write_text(json.dumps(events, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = (0, 2, 3)
-RANKS = (1, 2)
-
 
 def _storage(t) -> tuple[int, int]:
     s = t.untyped_storage()
@@ -98,7 +95,7 @@ def random_batch(n: int, vocab: int):
     )
 
 
-def main(policy: str, out: str) -> None:
+def main(policy: str, out: str, stages: str = "0,2,3", ranks: str = "1,2") -> None:
     import ray
     from transformers import AutoConfig
 
@@ -110,23 +107,23 @@ def main(policy: str, out: str) -> None:
     start_ray(load_config(None, []))
     rows = []
     try:
-        for stage in STAGES:
-            for ranks in RANKS:
+        for stage in (int(x) for x in stages.split(",")):
+            for n in (int(x) for x in ranks.split(",")):
                 cfg = load_config(
-                    None, [f"learner.zero_stage={stage}", f"learner.num_workers={ranks}", "learner.micro_batch_size=4"]
+                    None, [f"learner.zero_stage={stage}", f"learner.num_workers={n}", "learner.micro_batch_size=4"]
                 )
                 t = time.time()
                 group = LearnerGroup(PolicyLearner, cfg.learner, cfg.algo, policy, seed=0)
                 group.setup()
-                batch = random_batch(4 * ranks, vocab)
+                batch = random_batch(4 * n, vocab)
                 group.train_step(batch)  # creates the AdamW state
                 ray.get([a.__ray_call__.remote(arm) for a in group.actors])
                 group.train_step(batch)
                 per_rank = ray.get([a.__ray_call__.remote(recorded) for a in group.actors])
                 group.shutdown()
-                rows.append({"zero_stage": stage, "learners": ranks, "per_rank": per_rank, "seconds": time.time() - t})
+                rows.append({"zero_stage": stage, "learners": n, "per_rank": per_rank, "seconds": time.time() - t})
                 mib = per_rank[0]["total"] / 2**20
-                print(f"memory: ZeRO-{stage} x{ranks}: {mib:.0f} MiB param+master+grad+optimizer on rank 0", flush=True)
+                print(f"memory: ZeRO-{stage} x{n}: {mib:.0f} MiB param+master+grad+optimizer on rank 0", flush=True)
     finally:
         ray.shutdown()
     Path(out).write_text(json.dumps(rows, indent=1))

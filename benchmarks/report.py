@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.analysis import STAGES, steady, throughput
+from benchmarks.analysis import STAGES, step_durations, throughput
 
 BENCH = Path(__file__).resolve().parent
 README = BENCH.parent / "README.md"
@@ -222,7 +222,7 @@ def runs_md(r: dict) -> list[str]:
     for name, policy in r["grpo"]["policies"].items():
         for run in policy["runs"]:
             t = throughput(run, r["grpo"]["warmup_steps"])
-            steps = " ".join(f"{x['seconds']:.2f}" for x in steady(run, 0))
+            steps = " ".join(f"{x['seconds']:.2f}" for x in step_durations(run))
             rows.append(
                 [
                     name,

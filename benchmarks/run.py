@@ -61,9 +61,9 @@ ASYNC = {
 QUICK = {"prompts_per_step": 8, "samples_per_prompt": 4, "max_new_tokens": 16, "steps": 4, "rounds": 1}
 
 
-def sh(cmd: list[str], log: Path, timeout: float = 1800) -> float:
-    """Run a command with the bench environment, its output teed into `log`. -> wall seconds. Raises on failure."""
-    start = time.time()
+def sh(cmd: list[str], log: Path, timeout: float = 1800, check: bool = True) -> int:
+    """Run a command with the bench environment, its output teed into `log`. -> exit code (raises on failure
+    when `check`)."""
     print(f"bench: $ {' '.join(cmd)}", flush=True)
     with log.open("a") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -72,9 +72,9 @@ def sh(cmd: list[str], log: Path, timeout: float = 1800) -> float:
             if line.startswith(("raylign step", "trl step", "rollout ", "sync:", "memory:", "peak memory")):
                 print("  " + line.rstrip(), flush=True)
         proc.wait(timeout=timeout)
-    if proc.returncode:
+    if proc.returncode and check:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}; see {log}")
-    return time.time() - start
+    return proc.returncode
 
 
 def grpo_run(tool: str, spec: dict, out_dir: Path, tag: str, log: Path) -> dict:
@@ -83,8 +83,12 @@ def grpo_run(tool: str, spec: dict, out_dir: Path, tag: str, log: Path) -> dict:
     spec_file.write_text(json.dumps(spec))
     python, module = (PY, "benchmarks.grpo_raylign") if tool == "raylign" else (TRL_PY, "benchmarks.grpo_trl")
     launched = time.time()
-    sh([python, "-m", module, str(spec_file), str(out)], log)
-    return {"tool": tool, "launched": launched, **json.loads(out.read_text())}
+    code = sh([python, "-m", module, str(spec_file), str(out)], log, check=False)
+    if not out.exists():
+        raise RuntimeError(f"{tool} run {tag} exited {code} before writing its results; see {log}")
+    if code:
+        print(f"bench: {tool} run {tag} finished its steps but exited {code} at shutdown", flush=True)
+    return {"tool": tool, "launched": launched, "exit_code": code, **json.loads(out.read_text())}
 
 
 def section_grpo(out_dir: Path, log: Path, quick: bool) -> dict:
@@ -141,7 +145,8 @@ def section_sync(out_dir: Path, log: Path, quick: bool) -> dict:
 
 def section_memory(out_dir: Path, log: Path, quick: bool) -> dict:
     out = out_dir / "memory.json"
-    sh([PY, "-m", "benchmarks.memory", str(models.policy("tiny-init" if quick else "50m")), str(out)], log)
+    args = [str(models.policy("tiny-init")), str(out), "3", "2"] if quick else [str(models.policy("50m")), str(out)]
+    sh([PY, "-m", "benchmarks.memory", *args], log)
     return {"policy": "tiny-init" if quick else "50m", "rows": json.loads(out.read_text())}
 
 

@@ -309,10 +309,9 @@ class RewardTrainConfig(Section):
     members). Engine settings not listed here come from `learner`."""
 
     init: Literal["task", "policy"] = Field(
-        "policy",
-        description="Start each member from `policy`: the current policy (e.g. the SFT model, as in InstructGPT) with "
-        "a new head, or from `task`: the synthetic task's random-init reward model when the run has one (else the "
-        "policy).",
+        "task",
+        description="Start each member from `task`: the synthetic task's reward model when the run has one (else the "
+        "policy), or from `policy`: the current policy (e.g. the SFT model, as in InstructGPT) with a new head.",
     )
     lr: float = Field(3e-4, gt=0, description="Learning rate (AdamW) of reward-model training.")
     epochs: int = Field(2, ge=1, description="Passes over the training preference pairs, per ensemble member.")

@@ -165,8 +165,8 @@ def _attempt(cfg: Config, ctx: StageContext, stop) -> Iterator[dict[str, Any]]:
     from pipeline.rl_roles import Roles
 
     ckpt_root = ctx.stage_dir("rl") / "checkpoints"
+    prompt_stream = PromptStream(ctx, cfg.rollout.prompts_per_step, cfg.run.seed)  # bad data fails before start-up
     roles = Roles.start(cfg, ctx)
-    prompt_stream = PromptStream(ctx, cfg.rollout.prompts_per_step, cfg.run.seed)
     state, kl_ctl = RLState(), kl_controller(cfg)
     resume_from = checkpoint.latest(ckpt_root)
     try:

@@ -28,6 +28,7 @@ from typing import Any
 import ray
 
 from actors.offline import reward_loop
+from pipeline import checkpoint
 from pipeline.metrics import MetricsLog, plot_metrics, read_metrics, truncate_metrics
 from pipeline.rl import train_iter
 from pipeline.stages.context import Artifacts, StageContext
@@ -119,13 +120,15 @@ def rl_round(
                           reward=[disc])
     round_ctx = StageContext(cfg=round_cfg, run_dir=round_dir, artifacts=artifacts, log=ctx.log, stop=ctx.stop)
     offset = (k - 1) * irl.rl_steps
-    truncate_metrics(ctx.run_dir, stage="irl", after_step=offset)  # a round cut off runs again from its start
-    evals = []
+    # A round cut off mid-RL resumes from its last checkpoint; rows past it will be written again.
+    resume = checkpoint.latest(round_ctx.stage_dir("rl") / "checkpoints")
+    done_steps = checkpoint.load_state(resume)["step"] if resume else 0
+    truncate_metrics(ctx.run_dir, stage="irl", after_step=offset + done_steps)
     for metrics in train_iter(round_cfg, round_ctx, stop=ctx.stop):
-        row = {**metrics, "step": metrics["step"] + offset, "irl/round": k}
-        log.write(row)
-        if "eval/prompts" in metrics:
-            evals.append({key: v for key, v in metrics.items() if key.startswith("eval/")})
+        log.write({**metrics, "step": metrics["step"] + offset, "irl/round": k})
+    # From the file, not the loop: a resumed round does not evaluate its start again.
+    rows = [r for r in read_metrics(ctx.run_dir, stage="irl") if r.get("irl/round") == k and "eval/prompts" in r]
+    evals = [{key: v for key, v in r.items() if key.startswith("eval/")} for r in rows]
     return str(round_ctx.stage_dir("rl") / "policy"), evals
 
 

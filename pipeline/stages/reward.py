@@ -2,11 +2,12 @@
 DeepSpeed engine per worker (actors.offline). An ensemble of `reward.ensemble_size` members, trained one after the
 other in the same workers, differs by seed (head init, data order) and, with `rm.bootstrap`, by resample.
 
-Each member starts from the policy with a new one-label head (`rm.init=policy`, the default: the SFT policy, as in
-InstructGPT; with 4 pairs per prompt it reached 0.742 held-out accuracy against 0.645 from a random init), or from
-the synthetic task's random-init reward model (`rm.init=task`). Members are exported as HF dirs with the tokenizer to
-<stage dir>/member-k and recorded as `reward`. Held-out (test split) accuracy is measured by the RL stage's own
-scorer (actors.reward.ModelScorer) on the exported dirs, so the number is about what RL will optimize.
+Each member starts from the synthetic task's reward model when the run has a task (`rm.init=task`), else from the
+policy as an AutoModelForSequenceClassification with a new one-label head (`rm.init=policy`, as in InstructGPT; with
+32 pairs per prompt it reached 0.760 held-out accuracy against 0.794 from the task's model). Members are exported
+as HF dirs with the tokenizer to <stage dir>/member-k and recorded as `reward`. Held-out (test split) accuracy is
+measured by the RL stage's own scorer (actors.reward.ModelScorer) on the exported dirs, so the number is about what
+RL will optimize.
 """
 
 from __future__ import annotations

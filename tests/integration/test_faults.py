@@ -20,12 +20,15 @@ from tests.conftest import REPO
 from tests.unit.test_bad_data import prefs, write_jsonl
 
 RAYLIGN = str(Path(sys.executable).parent / "raylign")
-# RL from the synthetic (random-init) policy, no SFT: the loop, not learning, is under test here.
-# checkpoint_every=4 of 6 steps: a checkpoint at a step other than 4 or 6 was written because of a signal.
+# RL from the synthetic (random-init) policy, no SFT, HF generate and plain torch learners: the driver's loop and
+# its checkpoints are under test here, not learning or the engines (tests/integration/test_rl.py resumes vLLM and
+# DeepSpeed after SIGINT). checkpoint_every=4 of 6 steps: a checkpoint at step 1-3 was written for a signal.
 TINY = ["stages=[synth, rl]", "synth.num_prompts=128", "run.max_steps=6", "run.checkpoint_every=4",
         "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=16",
-        "run.eval_prompts=8"]
+        "rollout.engine=hf", "learner.backend=torch", "run.eval_prompts=8"]
+RESUME = ["configs/tiny_grpo.yaml", "--resume"]
 TIMEOUT_S = 600
+STARTED: list[subprocess.Popen] = []
 
 
 class Run:
@@ -36,6 +39,10 @@ class Run:
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen([RAYLIGN, "run", *args], cwd=REPO, stdout=out, stderr=err,
                                          start_new_session=True)
+        STARTED.append(self.proc)
+
+    def stdout(self) -> str:
+        return self.out.read_text()
 
     def stderr(self) -> str:
         return self.err.read_text()
@@ -52,11 +59,16 @@ class Run:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
     def finish(self) -> int:
-        try:
-            return self.proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            raise
+        return self.proc.wait(timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kill_what_a_failed_test_left():
+    yield
+    for proc in STARTED:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own process group, nobody else's
+            proc.wait()
 
 
 def assert_all_gone(processes: list[psutil.Process], within_s: float = 60) -> None:
@@ -80,59 +92,82 @@ def newest_step(run_dir: Path) -> int:
     return checkpoint.load_state(latest)["step"] if latest else 0
 
 
-def test_sigterm_then_sigkill_then_resume_to_the_end(tmp_path):
-    resume = ["configs/tiny_grpo.yaml", "--resume"]
-
-    # 1. SIGTERM (to the driver, as a scheduler sends it) during step 2: it finishes the step, writes a
-    # checkpoint of it although checkpoint_every says not to, and exits 143 with all its processes gone
-    first = Run(["configs/tiny_grpo.yaml", *TINY, f"run.output_dir={tmp_path}"], tmp_path / "1")
-    run_dir = None
+@pytest.fixture(scope="module")
+def terminated(tmp_path_factory):
+    """1. SIGTERM to the driver (as a scheduler sends it) once RL step 1 is logged. -> (run, run dir, processes
+    the run had when signalled, the steps logged and the newest checkpoint's step when it had exited)."""
+    out = tmp_path_factory.mktemp("faults")
+    run = Run(["configs/tiny_grpo.yaml", *TINY, f"run.output_dir={out}"], out / "1")
+    found: list[Path] = []
 
     def first_step_logged() -> bool:
-        nonlocal run_dir
-        dirs = list(tmp_path.glob("tiny_grpo-*"))
-        run_dir = dirs[0] if dirs else None
-        return run_dir is not None and len(steps_done(run_dir)) >= 1
+        found[:] = list(out.glob("tiny_grpo-*"))
+        return bool(found) and len(steps_done(found[0])) >= 1
 
-    first.wait_until(first_step_logged, "RL step 1")
-    processes = first.descendants()
-    first.proc.send_signal(signal.SIGTERM)
-    assert first.finish() == 143, first.stderr()[-3000:]
-    assert "interrupted by signal 15" in first.stderr()
-    assert_all_gone(processes)
-    stopped = steps_done(run_dir)[-1]
-    assert steps_done(run_dir) == list(range(1, stopped + 1)) and stopped < 4
-    assert newest_step(run_dir) == stopped  # the signal's checkpoint
+    run.wait_until(first_step_logged, "RL step 1")
+    processes = run.descendants()
+    run.proc.send_signal(signal.SIGTERM)
+    run.finish()
+    return run, found[0], processes, steps_done(found[0]), newest_step(found[0])
 
-    # 2. the resumed run is killed with SIGKILL, its whole process group at once, once step 4's checkpoint is in
-    second = Run([*resume, str(run_dir)], tmp_path / "2")
-    second.wait_until(lambda: newest_step(run_dir) >= 4, "the step-4 checkpoint")
-    processes = second.descendants()
-    os.killpg(second.proc.pid, signal.SIGKILL)
-    assert second.finish() == -signal.SIGKILL
-    assert f"rl: resumed from step-{stopped:06d} (step {stopped})" in second.out.read_text()
-    assert_all_gone(processes)
+
+@pytest.fixture(scope="module")
+def killed(terminated):
+    """2. The resumed run killed with SIGKILL, its whole process group at once, after step 4's checkpoint."""
+    run_dir = terminated[1]
+    run = Run([*RESUME, str(run_dir)], run_dir.parent / "2")
+    run.wait_until(lambda: newest_step(run_dir) >= 4, "the step-4 checkpoint")
+    processes = run.descendants()
+    os.killpg(run.proc.pid, signal.SIGKILL)
+    run.finish()
+    return run, run_dir, processes
+
+
+@pytest.fixture(scope="module")
+def finished(killed):
+    """3. What a kill during step 5's checkpoint write could leave: a temp dir, and a sealed dir whose largest
+    file was cut short after sealing. Then resumed again, to the end. -> (run, run dir, the cut dir, its file)."""
+    _, run_dir, _ = killed
     ckpts = run_dir / "stages/rl/checkpoints"
-    assert newest_step(run_dir) == 4 and not (ckpts / "step-000006").exists()  # killed before the end
-
-    # 3. what a kill during step 5's checkpoint write could leave: a temp dir, and a sealed dir whose weights
-    # file was cut short; neither may be loaded
     shutil.copytree(ckpts / "step-000004", ckpts / ".tmp-step-000006")
     cut = shutil.copytree(ckpts / "step-000004", ckpts / "step-000005")
     weights = max((p for p in cut.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     with weights.open("r+b") as f:
         f.truncate(weights.stat().st_size // 2)
+    run = Run([*RESUME, str(run_dir)], run_dir.parent / "3")
+    run.finish()
+    return run, run_dir, cut, weights.relative_to(cut)
 
-    # 4. resumed again: it skips the cut-off checkpoint, continues from step 4 and finishes with exit 0
-    third = Run([*resume, str(run_dir)], tmp_path / "3")
-    assert third.finish() == 0, third.stderr()[-3000:]
-    out = third.out.read_text()
-    assert f"checkpoint: skipping {cut}: {weights.relative_to(cut)} does not match its checksum" in out
+
+def test_sigterm_checkpoints_the_step_and_exits_143(terminated):
+    run, _, processes, steps, newest = terminated
+    assert run.proc.returncode == 143, run.stderr()[-3000:]
+    assert "interrupted by signal 15" in run.stderr()
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 4
+    assert newest == steps[-1]  # not a checkpoint_every step: written for the signal
+    assert_all_gone(processes)
+
+
+def test_sigkill_of_the_process_group_leaves_no_process_and_the_last_checkpoint(terminated, killed):
+    stopped = terminated[4]
+    run, run_dir, processes = killed
+    assert run.proc.returncode == -signal.SIGKILL
+    assert f"rl: resumed from step-{stopped:06d} (step {stopped})" in run.stdout()
+    assert_all_gone(processes)
+    assert newest_step(run_dir) == 4 and not (run_dir / "stages/rl/checkpoints/step-000006").exists()
+
+
+def test_resume_skips_a_cut_off_checkpoint_and_runs_to_the_end(finished):
+    run, run_dir, cut, cut_file = finished
+    assert run.proc.returncode == 0, run.stderr()[-3000:]
+    out = run.stdout()
+    assert f"checkpoint: skipping {cut}: {cut_file} does not match its checksum" in out
     assert "rl: resumed from step-000004 (step 4)" in out
     assert out.strip().splitlines()[-1] == str(run_dir)
     assert steps_done(run_dir) == [1, 2, 3, 4, 5, 6]  # each step once: the rows past step 4 were dropped
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and "gold_reward/final" in summary
+    ckpts = run_dir / "stages/rl/checkpoints"
     assert checkpoint.latest(ckpts) == ckpts / "step-000006" and not (ckpts / ".tmp-step-000006").exists()
 
 

@@ -156,3 +156,18 @@ def test_a_learner_checkpoint_that_would_run_code_is_refused(task_dir, tmp_path,
             lrn.load_checkpoint(tmp_path / "ckpt")
         assert not marker.exists(), f"loading {path.name} ran code"
         path.write_bytes(genuine)
+
+
+def test_a_pytorch_bin_model_that_would_run_code_is_refused(task_dir, tmp_path):
+    """A model dir with weights as a pickle (`pytorch_model.bin`, no safetensors) loads through transformers'
+    weights-only path, as every model of ours does (`from_pretrained`): a hostile pickle is refused, not run."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_bytes((task_dir / "models/policy/config.json").read_bytes())
+    marker = tmp_path / "code-ran"
+    torch.save({"model.embed_tokens.weight": RunsCode(marker)}, model_dir / "pytorch_model.bin")
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
+        AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not marker.exists()
