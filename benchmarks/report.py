@@ -34,12 +34,16 @@ def mmm(s: dict, fmt: str = "{:.0f}") -> str:
 
 def fmt_target(t: dict) -> list:
     v = t["value"]
-    if v is None:
-        return [t["target"], "not run", f"{t['op']} {t['goal']:g} {t['unit']}", "-"]
     if t["unit"] == "%":
-        shown, goal = f"{100 * v:.1f} %", f"{t['op']} {100 * t['goal']:g} %"
+        goal = f"{t['op']} {100 * t['goal']:g} %"
     else:
-        shown, goal = f"{v:.2f} {t['unit']}", f"{t['op']} {t['goal']:g} {t['unit']}"
+        goal = f"{t['op']} {t['goal']:g} {t['unit']}"
+    if v is None:
+        return [t["target"], "not run", goal, "-"]
+    if t["unit"] == "%":
+        shown = f"{100 * v:.1f} %"
+    else:
+        shown = f"{v:.2f} {t['unit']}"
     return [t["target"], shown, goal, "**met**" if t["met"] else "**missed**"]
 
 
@@ -243,7 +247,8 @@ def runs_md(r: dict) -> list[str]:
 
 def render(r: dict, name: str) -> tuple[str, str]:
     s = r["summary"]
-    head = [f"Measured by {machine_line(r)} Results file: `benchmarks/results/{name}`.", ""]
+    partial = "" if r.get("complete", True) else " **Partial: the run was stopped before every part ran.**"
+    head = [f"Measured by {machine_line(r)} Results file: `benchmarks/results/{name}`.{partial}", ""]
     body = [
         *targets_md(s),
         *grpo_md(r, s),
@@ -280,9 +285,12 @@ def write_reports(path: Path) -> None:
         README.write_text(text)
     else:
         print(f"report: {README} has no {START} ... {END} block; only RESULTS.md written")
+    print(f"report: wrote {BENCH / 'RESULTS.md'} and the README block")
+
+
+def print_targets(results: dict) -> None:
     for t in results["summary"]["targets"]:
         print("bench target: " + " | ".join(str(c).replace("**", "") for c in fmt_target(t)))
-    print(f"report: wrote {BENCH / 'RESULTS.md'} and the README block")
 
 
 if __name__ == "__main__":
