@@ -177,6 +177,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "wall_min": p["wall_s"] / 60,
             "returncode": p["returncode"],
             "command": p["command"],
+            "note": p.get("note"),
         }
     s["targets"] = targets(s)
     return s

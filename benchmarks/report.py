@@ -214,7 +214,8 @@ def peak_md(s: dict) -> list[str]:
         return []
     return [
         f"Peak memory of `{p['command']}`: **{p['rss_gib']:.2f} GiB** RSS summed over the driver and every Ray "
-        f"process ({p['pss_gib']:.2f} GiB PSS, shared pages split); {p['wall_min']:.1f} min, exit {p['returncode']}.",
+        f"process ({p['pss_gib']:.2f} GiB PSS, shared pages split); {p['wall_min']:.1f} min, exit {p['returncode']}."
+        + (f" {p['note']}" if p.get("note") else ""),
         "",
     ]
 

@@ -101,6 +101,9 @@ def test_reference_is_frozen(worker):
     assert next(worker.model.parameters()).dtype == torch.float32  # CPU: fp32
 
 
-def test_logprobs_before_setup_is_an_error(policy_dir, rollouts):
-    with pytest.raises(RuntimeError, match="setup"):
-        ReferenceWorker(ReferenceConfig(), policy_dir).logprobs(rollouts)
+def test_logprobs_before_setup_sets_up_first(policy_dir, rollouts):
+    # what a worker Ray restarted after a crash does: its first call finds no model and loads it
+    fresh = ReferenceWorker(ReferenceConfig(), policy_dir)
+    ready = ReferenceWorker(ReferenceConfig(), policy_dir)
+    ready.setup()
+    assert torch.equal(fresh.logprobs(rollouts), ready.logprobs(rollouts))
