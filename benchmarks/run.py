@@ -234,7 +234,7 @@ def main() -> None:
     sh([PY, "-m", "benchmarks.models"], log)
     results = {
         "created": datetime.now().isoformat(timespec="seconds"),
-        "command": "make bench" + (" --quick" if args.quick else ""),
+        "command": "make bench" if len(sys.argv) == 1 else "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "quick": args.quick,
         "machine": machine.describe(),
         "versions": {"raylign": machine.versions(), "trl_venv": machine.versions(TRL_PY)},
@@ -242,8 +242,6 @@ def main() -> None:
         "load_average": {"start": machine.load_average()},
         "seconds": {},
     }
-    if args.short:
-        results["command"] += " --short"
     from benchmarks.report import print_targets, write_reports
 
     # A quick run checks the harness: its file stays in work/ and leaves RESULTS.md and README alone. The file
