@@ -153,5 +153,9 @@ def test_non_finite_reward_or_loss_skips_the_update(task_dir, backend):
     after = list(lrn.engine.module.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert lrn.optimizer_steps() == 0
-    m = lrn.train_step(batch)  # a good batch still updates
+    m = lrn.train_step(batch)  # a good batch still updates, with no gradient left over from the skipped ones
     assert "bad/skipped" not in m and lrn.optimizer_steps() == 1
+    fresh = learner(task_dir, backend=backend, zero_stage=0)
+    fresh.train_step(batch)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-7)
+               for a, b in zip(lrn.engine.module.parameters(), fresh.engine.module.parameters(), strict=True))
