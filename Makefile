@@ -17,7 +17,7 @@ run: install  ## the default pipeline (configs/tiny_irl.yaml) on CPU: progress p
 	$(VENV)/bin/raylign run configs/tiny_irl.yaml
 
 test: install  ## the whole suite: unit tests, then integration tests (local Ray, real vLLM and DeepSpeed)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=25
 
 test-unit: install  ## unit tests only (no Ray, seconds)
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider

@@ -16,7 +16,9 @@ one (the prefetched samples are redrawn with the checkpoint's weights); a resume
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -47,44 +49,83 @@ class RLState:
 
 class PromptStream:
     """Batches of P training prompts from one Ray Data dataset, reshuffled per epoch with a seeded shuffle, with
-    a position (epoch, batch) that a checkpoint records and a resume restores."""
+    a position (epoch, batch) that a checkpoint records and a resume restores.
+
+    A thread reads up to two batches ahead: an epoch's shuffle is an all-to-all Ray Data execution that takes
+    seconds on CPU, and read ahead it overlaps the actors' start-up and the steps instead of stalling them."""
+
+    AHEAD = 2
 
     def __init__(self, ctx: StageContext, batch_size: int, seed: int):
         cfg = ctx.cfg
         check = RowCheck("prompts", tokenizer_dir=ctx.tokenizer_dir(), max_prompt_tokens=cfg.data.max_prompt_tokens,
                          max_response_tokens=cfg.data.max_response_tokens)
         path = ctx.data_file("prompts")
+        self.path = path
         self.train, report = read_dataset(path, check, on_bad_rows=cfg.data.on_bad_rows, split="train", log=ctx.log)
         self.test, _ = read_dataset(path, check, on_bad_rows="skip", split="test", log=lambda _: None)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # the same seed gives the same prompt order
         context.enable_progress_bars = False
         self.batch_size, self.seed = batch_size, seed
-        self._iter: Iterator | None = None
+        self._reader: tuple[threading.Thread, queue.Queue, threading.Event] | None = None
 
     def start(self, epoch: int, skip: int) -> None:
-        self.epoch, self.batch_in_epoch = epoch, 0
-        shuffled = self.train.random_shuffle(seed=self.seed + epoch)
-        self._iter = iter(shuffled.iter_batches(batch_size=self.batch_size, batch_format="pandas", drop_last=True))
-        for _ in range(skip):
-            self.next()
+        """Read from batch `skip` of `epoch` on (in the background)."""
+        self.close()
+        self.epoch, self.batch_in_epoch = epoch, skip
+        batches, stop = queue.Queue(maxsize=self.AHEAD), threading.Event()
+        thread = threading.Thread(target=self._read, args=(epoch, skip, batches, stop), daemon=True,
+                                  name="prompt-stream")
+        self._reader = (thread, batches, stop)
+        thread.start()
+
+    def _read(self, epoch: int, skip: int, batches: queue.Queue, stop: threading.Event) -> None:
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            while True:
+                shuffled = self.train.random_shuffle(seed=self.seed + epoch)
+                n = 0
+                for batch in shuffled.iter_batches(batch_size=self.batch_size, batch_format="pandas", drop_last=True):
+                    n += 1
+                    if n > skip and not put((epoch, n, list(batch["prompt"]))):
+                        return
+                    if stop.is_set():
+                        return
+                if n == 0:
+                    raise ValueError(f"{self.path}: fewer training prompts than rollout.prompts_per_step "
+                                     f"({self.batch_size}); expected at least one full batch")
+                epoch, skip = epoch + 1, 0
+        except BaseException as e:  # handed to the driver, which raises it from next()
+            put(e)
 
     def next(self) -> list[str]:
-        try:
-            batch = next(self._iter)
-        except StopIteration:
-            self.start(self.epoch + 1, 0)
-            batch = next(self._iter)
-        self.batch_in_epoch += 1
-        return list(batch["prompt"])
+        item = self._reader[1].get()
+        if isinstance(item, BaseException):
+            raise item
+        self.epoch, self.batch_in_epoch, prompts = item
+        return prompts
 
     def position(self) -> tuple[int, int]:
         """(epoch, batches of it consumed): where a resume continues."""
         return self.epoch, self.batch_in_epoch
 
     def close(self) -> None:
-        # A live Ray Data iterator finalized after ray.shutdown() would try to start Ray again at exit.
-        self._iter = None
+        # Stop the reader before Ray shuts down: a live Ray Data iterator finalized after ray.shutdown() would try
+        # to start Ray again at exit.
+        if self._reader is not None:
+            thread, _, stop = self._reader
+            stop.set()
+            thread.join(timeout=30)
+            self._reader = None
 
     def heldout(self, n: int) -> list[str]:
         return [row["prompt"] for row in self.test.take(n)]
@@ -144,9 +185,10 @@ def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[dict[str, 
     attempt. With `run.max_failures` left, every role starts again from the last complete checkpoint, after a
     row {"step": s, "restart": n} telling the consumer that the steps after s come again; else RunFailure."""
     ckpt_root = ctx.stage_dir("rl") / "checkpoints"
+    restarts = [0]  # worker restarts of the attempts so far: `faults/restarts` counts the whole run
     for failures in range(cfg.run.max_failures + 1):
         try:
-            yield from _attempt(cfg, ctx, stop)
+            yield from _attempt(cfg, ctx, stop, restarts)
             return
         except ray.exceptions.RayActorError as e:
             last = checkpoint.latest(ckpt_root)
@@ -161,21 +203,27 @@ def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[dict[str, 
             yield {"step": checkpoint.load_state(last)["step"] if last else 0, "restart": failures + 1}
 
 
-def _attempt(cfg: Config, ctx: StageContext, stop) -> Iterator[dict[str, Any]]:
+def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Iterator[dict[str, Any]]:
     from pipeline.rl_roles import Roles
 
     ckpt_root = ctx.stage_dir("rl") / "checkpoints"
     prompt_stream = PromptStream(ctx, cfg.rollout.prompts_per_step, cfg.run.seed)  # bad data fails before start-up
-    roles = Roles.start(cfg, ctx)
     state, kl_ctl = RLState(), kl_controller(cfg)
     resume_from = checkpoint.latest(ckpt_root)
+    if resume_from is not None:
+        state = RLState(**checkpoint.load_state(resume_from))
+        kl_ctl.load_state_dict(state.kl)
+    prompt_stream.start(state.epoch, state.batch_in_epoch)  # reads ahead while the actors start
+    try:
+        roles = Roles.start(cfg, ctx)
+    except BaseException:
+        prompt_stream.close()
+        raise
+    roles.restarts_before = restarts[0]
     try:
         if resume_from is not None:
-            state = RLState(**checkpoint.load_state(resume_from))
-            kl_ctl.load_state_dict(state.kl)
             roles.load_checkpoint(resume_from, version=state.step)
             ctx.log(f"rl: resumed from {resume_from.name} (step {state.step})")
-        prompt_stream.start(state.epoch, state.batch_in_epoch)
         if state.step == 0:
             yield {"step": 0, **roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed)}
         ahead = cfg.rollout.max_staleness if cfg.rollout.async_ else 0
@@ -226,4 +274,8 @@ def _attempt(cfg: Config, ctx: StageContext, stop) -> Iterator[dict[str, Any]]:
         roles.save_policy(Path(ctx.stage_dir("rl")) / "policy")
     finally:
         prompt_stream.close()
+        try:  # the board outlives a dead learner; its count carries over to the next attempt
+            restarts[0] = roles.restarts_before + roles.restarts()
+        except ray.exceptions.RayError:
+            pass
         roles.shutdown()

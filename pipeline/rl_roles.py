@@ -61,6 +61,7 @@ class Roles:
         self.stream: ExperienceStream | None = None
         self.chunks = 0  # chunks of the step fed last
         self.workers = len(self.rollouts) + len(self.rewards) + len(self.references)
+        self.restarts_before = 0  # worker restarts counted by the attempts before this one (train_iter sets it)
 
     def _learner_group(self, cls: type, role: str) -> LearnerGroup:
         rp = self.resource_plan.roles[role]
@@ -105,8 +106,12 @@ class Roles:
             metrics.update({f"critic/{k}": v for k, v in critic.items()})
         chunks = [c for r in results for c in r["chunks"]]
         metrics.update(combine_metrics([m for m, _ in chunks]))
-        metrics["faults/restarts"] = float(ray.get(self.board.sign_ins.remote()) - self.workers)
+        metrics["faults/restarts"] = float(self.restarts_before + self.restarts())
         return metrics, [t for _, times in chunks for t in times], max(r["ready"] for r in results)
+
+    def restarts(self) -> int:
+        """Rollout, reward and reference actors Ray restarted in this attempt (counted when they set up again)."""
+        return ray.get(self.board.sign_ins.remote()) - self.workers
 
     def sync(self, version: int) -> float:
         return broadcast_weights(self.learners.gather_weights(), version, self.rollouts, board=self.board)

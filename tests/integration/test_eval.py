@@ -1,12 +1,13 @@
 """The `eval` stage end to end on a local Ray: vLLM rollout engines for the policy and the reference, a reward
 worker, a reference worker, and the reward-model calibration as a Ray task.
 
-One short pipeline `[synth, sft, rl, eval]` (tiny_grpo with 10 RL steps; the reward is the task's gold reward)
-backs the claims about a trained policy; the calibration test scores the held-out pairs of that run's task with a
-two-member ensemble of reward models. Measured values are in the comments.
+The session's `raylign run configs/tiny_grpo.yaml` run (40 RL steps; the reward is the task's gold reward),
+continued with an eval stage, backs the claims about a trained policy; the calibration test scores the held-out
+pairs of that run's task with a two-member ensemble of reward models. Measured values are in the comments.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -19,25 +20,21 @@ from pipeline.run import run
 from pipeline.stages import Artifacts, StageContext
 from pipeline.stages import eval as eval_stage
 from pipeline.tasks.tiny_models import build_reward_model
-from tests.conftest import REPO
+from tests.integration.conftest import continue_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained_run(local_ray, tmp_path_factory):
-    """synth -> sft (6 epochs) -> rl (10 GRPO steps of 32 x 8) -> eval on 32 held-out prompts, best-of-16."""
-    overrides = [
-        "stages=[synth, sft, rl, eval]",
-        "run.max_steps=10",
-        "run.eval_prompts=8",
-        "eval.num_prompts=32",
-        "eval.best_of_n=16",
-        f"run.output_dir={tmp_path_factory.mktemp('runs')}",
-    ]
-    cfg = load_config(REPO / "configs/tiny_grpo.yaml", overrides)
+def trained_run(grpo_cli_run, local_ray, tmp_path_factory):
+    """The session's tiny_grpo CLI run (synth -> sft -> 40 GRPO steps of 32 x 8, the gold reward as reward),
+    continued with an eval stage on 32 held-out prompts, best-of-16."""
+    assert grpo_cli_run.returncode == 0, grpo_cli_run.stderr[-3000:]
+    base = Path(grpo_cli_run.stdout.strip().splitlines()[-1])
+    run_dir = continue_run(base, tmp_path_factory.mktemp("eval") / base.name, ["synth", "sft", "rl", "eval"],
+                           ["eval.num_prompts=32", "eval.best_of_n=16"])
     lines = []
-    run_dir = run(cfg, log=lines.append)
+    run(load_config(None), resume=run_dir, log=lines.append)
     summary = json.loads((run_dir / "summary.json").read_text())
     return run_dir, summary, json.loads((run_dir / "eval.json").read_text()), lines
 
@@ -45,7 +42,8 @@ def trained_run(local_ray, tmp_path_factory):
 def test_trained_policy_wins_against_its_reference_on_gold(trained_run):
     run_dir, summary, report, lines = trained_run
     artifacts = Artifacts.load(run_dir)
-    assert report["policy"] == artifacts.policy and report["reference"] == str(run_dir / "stages/sft/policy")
+    assert report["policy"] == artifacts.policy and report["reference"] == artifacts.initial_policy
+    assert report["reference"].endswith("stages/sft/policy")  # (the copied run's artifacts name the original's)
     assert report["prompts"] == 32 and artifacts.done[-1] == "eval"
     # Measured: gold win rate 0.664 [0.604, 0.723] after 10 steps; 0.5 is no better than the SFT reference.
     win = report["win_rate"]["gold"]

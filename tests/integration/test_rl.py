@@ -4,22 +4,18 @@ Held-out gold reward is the mean over `run.eval_prompts` (64) test prompts x G (
 ~0.2 after SFT, so the standard error of a mean is ~0.01 and a rise of 0.04-0.05 is 4-5 standard errors."""
 
 import json
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pipeline.config import load_config, to_yaml
+from pipeline.config import load_config
 from pipeline.metrics import read_metrics
 from pipeline.run import run
 from tests.conftest import REPO
-
-RAYLIGN = str(Path(sys.executable).parent / "raylign")
+from tests.integration.conftest import RAYLIGN, continue_run
 
 
 def summary(run_dir: Path) -> dict:
@@ -40,17 +36,11 @@ def sft_run(tmp_path_factory):
 
 def continue_with_rl(base: Path, dest: Path, overrides: list[str]) -> Path:
     """A copy of `base` whose saved config adds the rl stage with `overrides`, ready for `--resume`."""
-    shutil.copytree(base, dest)
-    cfg = yaml.safe_load((dest / "config.yaml").read_text())
-    cfg["stages"] = ["synth", "sft", "rl"]
-    (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (dest / "config.yaml").write_text(to_yaml(load_config(dest / "config.yaml", overrides)))
-    return dest
+    return continue_run(base, dest, ["synth", "sft", "rl"], overrides)
 
 
-def test_tiny_grpo_from_the_cli_raises_heldout_gold(tmp_path):
-    proc = subprocess.run([RAYLIGN, "run", "configs/tiny_grpo.yaml", f"run.output_dir={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+def test_tiny_grpo_from_the_cli_raises_heldout_gold(grpo_cli_run):
+    proc = grpo_cli_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     s = summary(run_dir)
@@ -74,7 +64,7 @@ def test_tiny_grpo_from_the_cli_raises_heldout_gold(tmp_path):
 
 def test_ppo_raises_heldout_gold(sft_run, tmp_path):
     run_dir = run(load_config(None), resume=continue_with_rl(
-        sft_run, tmp_path / "ppo", ["algo.name=ppo", "run.max_steps=15", "learner.epochs=2"]), log=lambda _: None)
+        sft_run, tmp_path / "ppo", ["algo.name=ppo", "run.max_steps=10", "learner.epochs=2"]), log=lambda _: None)
     s = summary(run_dir)
     assert s["gold_reward/final"] - s["gold_reward/initial"] >= 0.04, s
     assert s["mismatch/logprob_abs_max"] <= 1e-3
@@ -83,7 +73,7 @@ def test_ppo_raises_heldout_gold(sft_run, tmp_path):
 def test_a_reward_the_task_never_defined_is_optimized_by_two_engines_and_two_learners(sft_run, tmp_path):
     run_dir = run(load_config(None), resume=continue_with_rl(
         sft_run, tmp_path / "custom", ["reward.function=tests.integration.custom_reward:lo_share",
-                                        "rollout.num_workers=2", "learner.num_workers=2", "run.max_steps=15"]),
+                                        "rollout.num_workers=2", "learner.num_workers=2", "run.max_steps=8"]),
         log=lambda _: None)
     evals = [r for r in read_metrics(run_dir, "rl") if "eval/prompts" in r]
     # the SFT policy uses "ka" and "lo" about equally often (reward ~0.5)
@@ -92,7 +82,7 @@ def test_a_reward_the_task_never_defined_is_optimized_by_two_engines_and_two_lea
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(sft_run, tmp_path):
-    overrides = ["run.max_steps=6", "run.checkpoint_every=2"]
+    overrides = ["run.max_steps=6", "run.checkpoint_every=2", "run.eval_prompts=16"]
     whole = run(load_config(None), resume=continue_with_rl(sft_run, tmp_path / "whole", overrides),
                 log=lambda _: None)
     cut = continue_with_rl(sft_run, tmp_path / "cut", overrides)
@@ -107,9 +97,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(sft_run, tmp_pa
     assert proc.returncode == 130, err[-3000:]
     stopped_at = max(r["step"] for r in read_metrics(cut, "rl"))
     assert 2 <= stopped_at < 6
-    resumed = subprocess.run([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run(load_config(None), resume=cut, log=lambda _: None)  # the CLI's --resume: the fault test below
     a = [r for r in read_metrics(whole, "rl") if "eval/prompts" not in r]
     b = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -146,26 +134,29 @@ def kill_role(proc: subprocess.Popen, role: str) -> int:
 
 
 def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tmp_path):
-    # Real faults in a real run: SIGKILL the rollout worker (step >= 1), the reward worker (>= 2), a learner
-    # (>= 3: the run restarts from checkpoint 3 by itself, run.max_failures=1) and a learner again (>= 4: out of
-    # restarts, exit 1 with one line), then --resume to the end.
+    # Real faults in a real run: SIGKILL the rollout and the reward worker; once their restarts are counted, a
+    # learner: the run restarts from its last checkpoint by itself (run.max_failures=1); a learner again after the
+    # next step: out of restarts, exit 1 with one line; then --resume to the end. A killed worker is counted when
+    # Ray has restarted it and it is next used, at most two steps later.
     cut = continue_with_rl(sft_run, tmp_path / "faults", ["run.max_steps=6", "run.checkpoint_every=1",
-                                                            "run.max_failures=1"])
+                                                            "run.max_failures=1", "run.eval_prompts=8"])
     proc = subprocess.Popen([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    plan = [(1, "RolloutWorker"), (2, "RewardWorker"), (3, "PolicyLearner"), (4, "PolicyLearner")]
+    # (worker restarts counted before the kill, the roles to kill)
+    plan = [(0, ["RolloutWorker", "RewardWorker"]), (2, ["PolicyLearner"]), (2, ["PolicyLearner"])]
     deadline = time.monotonic() + 900
     while plan and proc.poll() is None and time.monotonic() < deadline:
         rows = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
-        if rows and rows[-1]["step"] >= plan[0][0]:
-            kill_role(proc, plan.pop(0)[1])
+        if rows and rows[-1]["faults/restarts"] >= plan[0][0]:  # the workers killed so far are back
+            for role in plan.pop(0)[1]:
+                kill_role(proc, role)
             while len([r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]) == len(rows):
                 if proc.poll() is not None:  # expected only after the last kill
                     break
                 time.sleep(0.5)  # wait for the next step
         time.sleep(0.5)
     _, err = proc.communicate(timeout=600)
-    assert not plan and proc.returncode == 1, err[-3000:]
+    assert not plan and proc.returncode == 1, (plan, err[-3000:])
     assert "an actor died" in err and "--resume" in err, err[-3000:]
     resumed = subprocess.run([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
                              capture_output=True, text=True, timeout=600)
@@ -173,7 +164,8 @@ def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tm
     steps = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # each step once: nothing lost or counted twice
     assert all(r["samples"] == 32 * 8 for r in steps)
-    assert max(r["faults/restarts"] for r in steps) >= 2  # the rollout and the reward worker came back
+    # the rollout and the reward worker came back, counted across the run's own restart from a checkpoint
+    assert max(r["faults/restarts"] for r in steps) == 2
     # the restarted rollout worker sampled with the learners' current weights
     assert max(r["mismatch/logprob_abs_max"] for r in steps) <= 1e-3
     assert [r["weight_version"] for r in steps] == [0, 1, 2, 3, 4, 5]
@@ -183,7 +175,8 @@ def test_non_finite_rewards_skip_updates_then_stop_the_run(sft_run, tmp_path):
     from pipeline.errors import RunFailure
 
     cut = continue_with_rl(sft_run, tmp_path / "nan", ["reward.function=tests.integration.custom_reward:nan_reward",
-                                                        "run.max_steps=6", "run.max_bad_steps=2"])
+                                                        "run.max_steps=6", "run.max_bad_steps=2",
+                                                        "run.eval_prompts=8"])
     with pytest.raises(RunFailure, match=r"rl step 2: non-finite reward for 2 steps in a row"):
         run(load_config(None), resume=cut, log=lambda _: None)
     steps = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
