@@ -45,7 +45,7 @@ def test_trained_policy_wins_against_its_reference_on_gold(trained_run):
     assert report["policy"] == artifacts.policy and report["reference"] == artifacts.initial_policy
     assert report["reference"].endswith("stages/sft/policy")  # (the copied run's artifacts name the original's)
     assert report["prompts"] == 32 and artifacts.done[-1] == "eval"
-    # Measured: gold win rate 0.664 [0.604, 0.723] after 10 steps; 0.5 is no better than the SFT reference.
+    # Measured: gold win rate 0.652 [0.602, 0.701] after 40 steps; 0.5 is no better than the SFT reference.
     win = report["win_rate"]["gold"]
     assert win["low"] > 0.5 and win["low"] < win["mean"] < win["high"]
     assert (summary["eval/win_rate_gold_reward"], summary["eval/win_rate_gold_reward_low"]) == (win["mean"], win["low"])
@@ -64,7 +64,7 @@ def test_best_of_n_curve_rises_with_n(trained_run):
     assert [row["n"] for row in curve] == [1, 2, 4, 8, 16]
     assert [row["kl"] for row in curve] == [best_of_n_kl(n) for n in (1, 2, 4, 8, 16)]
     gold = [row["gold"]["mean"] for row in curve]
-    # Measured 0.63 -> 0.77 -> 0.86 -> 0.93 -> 0.97.
+    # Measured 0.62 -> 0.76 -> 0.86 -> 0.92 -> 0.96.
     assert all(b > a + 0.01 for a, b in zip(gold, gold[1:], strict=False))
     # N = 1 is plain sampling from the reference: the reference's own mean, up to sampling noise.
     assert abs(gold[0] - summary["eval/gold_reward_reference"]) < 0.05

@@ -66,7 +66,7 @@ def test_ppo_raises_heldout_gold(sft_run, tmp_path):
     run_dir = run(load_config(None), resume=continue_with_rl(
         sft_run, tmp_path / "ppo", ["algo.name=ppo", "run.max_steps=10", "learner.epochs=2"]), log=lambda _: None)
     s = summary(run_dir)
-    assert s["gold_reward/final"] - s["gold_reward/initial"] >= 0.04, s
+    assert s["gold_reward/final"] - s["gold_reward/initial"] >= 0.04, s  # measured 0.640 -> 0.753
     assert s["mismatch/logprob_abs_max"] <= 1e-3
 
 
@@ -76,7 +76,7 @@ def test_a_reward_the_task_never_defined_is_optimized_by_two_engines_and_two_lea
                                         "rollout.num_workers=2", "learner.num_workers=2", "run.max_steps=8"]),
         log=lambda _: None)
     evals = [r for r in read_metrics(run_dir, "rl") if "eval/prompts" in r]
-    # the SFT policy uses "ka" and "lo" about equally often (reward ~0.5)
+    # the SFT policy uses "ka" and "lo" about equally often (reward ~0.5); measured 0.508 -> 0.880 in 8 steps
     assert evals[-1]["eval/reward"] - evals[0]["eval/reward"] >= 0.1, evals
     assert summary(run_dir)["mismatch/logprob_abs_max"] <= 1e-3
 
