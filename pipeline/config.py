@@ -319,6 +319,13 @@ class RewardTrainConfig(Section):
     bootstrap: bool = Field(
         False, description="Train each ensemble member on a bootstrap resample (Poisson(1) copies of each pair)."
     )
+    pairs: Literal["data", "policy", "both"] = Field(
+        "data",
+        description="`data`: the preferences file's train split; `policy`: pairs of the current policy's own samples "
+        "on the training prompts, labelled by the synthetic task's simulated raters (needs a `synth` stage; as "
+        "InstructGPT's labellers rated its SFT model's samples); `both`: the two together.",
+    )
+    policy_pairs_per_prompt: int = Field(8, ge=1, description="pairs=policy/both: sample pairs labelled per prompt.")
     max_failures: int = Field(
         1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
     )

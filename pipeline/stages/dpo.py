@@ -20,21 +20,17 @@ import ray
 
 from actors.evaluation import implicit_reward_accuracy, sample_gold
 from actors.offline import dpo_loop
-from pipeline.errors import ConfigError
 from pipeline.stages.context import StageContext
 from pipeline.stages.offline import (
     fit,
     heldout_rows,
     last_epoch,
     offline_job,
-    policy_samples,
-    quiet,
+    rated_policy_pairs,
     remote,
-    task_info,
     train_dataset,
     unique,
 )
-from pipeline.tasks.synthetic import rate_pairs
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -79,20 +75,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def policy_pairs(ctx: StageContext, reference: Path) -> ray.data.Dataset:
-    """`dpo.pairs=policy`: two samples of the reference per pair on the training prompts, labelled by the task's
-    simulated raters (the same Bradley-Terry raters as preferences.parquet), so the pairs lie where the policy
-    puts its mass (on-policy preference data, as in online / iterative DPO)."""
-    info = task_info(ctx)
-    if "label_temperature" not in info:
-        raise ConfigError("dpo.pairs=policy needs the synthetic task's raters: run a `synth` stage first")
-    cfg, n = ctx.cfg, ctx.cfg.dpo.policy_pairs_per_prompt
-    prompts = [r["prompt"] for r in train_dataset(ctx, "prompts", ctx.tokenizer_dir()).take_all()]
-    samples = policy_samples(cfg.rollout, reference, prompts, 2 * n, seed=cfg.run.seed)  # [P * 2n]
-    pair_prompts = [p for p in prompts for _ in range(n)]
-    rows = rate_pairs(pair_prompts, samples[0::2], samples[1::2], temperature=info["label_temperature"],
-                      seed=cfg.run.seed)
-    ctx.log(f"dpo: {len(rows)} pairs of reference samples on {len(prompts)} prompts, labelled by the task's raters")
-    return quiet(ray.data.from_items(rows))
+    """`dpo.pairs=policy`: pairs of the reference's own samples labelled by the task's raters (on-policy
+    preference data, as in online / iterative DPO)."""
+    return rated_policy_pairs(ctx, reference, ctx.cfg.dpo.policy_pairs_per_prompt, key="dpo.pairs")
 
 
 def win_rate(new: list[float], old: list[float]) -> float:

@@ -168,6 +168,27 @@ def policy_samples(rollout: RolloutConfig, policy: str | Path, prompts: list[str
         ray.kill(worker)
 
 
+def rated_policy_pairs(ctx: StageContext, policy: Path, pairs_per_prompt: int, *, key: str) -> ray.data.Dataset:
+    """Pairs of `policy`'s own samples (two per pair) on the training prompts, labelled by the synthetic task's
+    simulated raters (the Bradley-Terry raters behind preferences.parquet): preference data collected where the
+    policy puts its mass, as human labels of a policy's samples are. `key` (e.g. `dpo.pairs`) names the setting in
+    errors and progress lines. -> rows (prompt, chosen, rejected)."""
+    from pipeline.tasks.synthetic import rate_pairs
+
+    info = task_info(ctx)
+    if "label_temperature" not in info:
+        raise ConfigError(f"{key}=policy needs the synthetic task's raters: run a `synth` stage first")
+    cfg, n = ctx.cfg, pairs_per_prompt
+    prompts = [r["prompt"] for r in train_dataset(ctx, "prompts", ctx.tokenizer_dir()).take_all()]
+    samples = policy_samples(cfg.rollout, policy, prompts, 2 * n, seed=cfg.run.seed)  # [P * 2n]
+    pair_prompts = [p for p in prompts for _ in range(n)]
+    rows = rate_pairs(pair_prompts, samples[0::2], samples[1::2], temperature=info["label_temperature"],
+                      seed=cfg.run.seed)
+    ctx.log(f"{key.split('.')[0]}: {len(rows)} pairs of {policy} samples on {len(prompts)} prompts, labelled by "
+            "the task's raters")
+    return quiet(ray.data.from_items(rows))
+
+
 def task_info(ctx: StageContext) -> dict[str, Any]:
     """task.json of the synthetic task, or {} when the run has none."""
     if ctx.artifacts.task_dir is None:

@@ -22,7 +22,16 @@ import numpy as np
 from actors.evaluation import preference_accuracy
 from actors.offline import reward_loop
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import fit, heldout_rows, last_epoch, offline_job, remote, task_info, train_dataset
+from pipeline.stages.offline import (
+    fit,
+    heldout_rows,
+    last_epoch,
+    offline_job,
+    rated_policy_pairs,
+    remote,
+    task_info,
+    train_dataset,
+)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -30,7 +39,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg, rm = ctx.cfg, ctx.cfg.rm
     init = initial_model(ctx)
     members = cfg.reward.ensemble_size
-    train = train_dataset(ctx, "preferences", init)
+    train = train_pairs(ctx, init)
     if rm.bootstrap:
         seeds = {f"train-{k}": cfg.run.seed + k for k in range(members)}
         datasets = {name: train.map_batches(bootstrap, fn_kwargs={"seed": seed}) for name, seed in seeds.items()}
@@ -75,6 +84,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     f"{summary['rm/heldout_accuracy_over_bayes']:.3f} x the Bayes-optimal {bayes:.3f}")
     summary["timing/rm"] = time.perf_counter() - start  # not timing/reward: the rl stage's reward scoring
     return summary
+
+
+def train_pairs(ctx: StageContext, init: Path) -> Any:
+    """The training pairs `rm.pairs` asks for: the preferences file's train split, the current policy's own
+    samples rated by the task's raters, or both (a Ray Data union)."""
+    rm, columns = ctx.cfg.rm, ["prompt", "chosen", "rejected"]
+    if rm.pairs == "data":
+        return train_dataset(ctx, "preferences", init)
+    policy = rated_policy_pairs(ctx, ctx.policy_dir(), rm.policy_pairs_per_prompt, key="rm.pairs")
+    if rm.pairs == "policy":
+        return policy
+    return train_dataset(ctx, "preferences", init).select_columns(columns).union(policy.select_columns(columns))
 
 
 def initial_model(ctx: StageContext) -> Path:
