@@ -184,8 +184,9 @@ def rated_policy_pairs(ctx: StageContext, policy: Path, pairs_per_prompt: int, *
     pair_prompts = [p for p in prompts for _ in range(n)]
     rows = rate_pairs(pair_prompts, samples[0::2], samples[1::2], temperature=info["label_temperature"],
                       seed=cfg.run.seed)
-    ctx.log(f"{key.split('.')[0]}: {len(rows)} pairs of {policy} samples on {len(prompts)} prompts, labelled by "
-            "the task's raters")
+    stage = {"rm": "reward"}.get(key.split(".")[0], key.split(".")[0])
+    ctx.log(f"{stage}: {len(rows)} pairs of {policy} samples on {len(prompts)} prompts, labelled by the task's "
+            "raters")
     return quiet(ray.data.from_items(rows))
 
 
