@@ -96,9 +96,7 @@ class PromptStream:
                 n = 0
                 for batch in shuffled.iter_batches(batch_size=self.batch_size, batch_format="pandas", drop_last=True):
                     n += 1
-                    if n > skip and not put((epoch, n, list(batch["prompt"]))):
-                        return
-                    if stop.is_set():
+                    if stop.is_set() or (n > skip and not put((epoch, n, list(batch["prompt"])))):
                         return
                 if n == 0:
                     raise ValueError(f"{self.path}: fewer training prompts than rollout.prompts_per_step "

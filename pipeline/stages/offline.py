@@ -172,7 +172,7 @@ def rated_policy_pairs(ctx: StageContext, policy: Path, pairs_per_prompt: int, *
     """Pairs of `policy`'s own samples (two per pair) on the training prompts, labelled by the synthetic task's
     simulated raters (the Bradley-Terry raters behind preferences.parquet): preference data collected where the
     policy puts its mass, as human labels of a policy's samples are. `key` (e.g. `dpo.pairs`) names the setting in
-    errors and progress lines. -> rows (prompt, chosen, rejected)."""
+    the error and the progress line. -> rows (prompt, chosen, rejected)."""
     from pipeline.tasks.synthetic import rate_pairs
 
     info = task_info(ctx)
@@ -184,9 +184,7 @@ def rated_policy_pairs(ctx: StageContext, policy: Path, pairs_per_prompt: int, *
     pair_prompts = [p for p in prompts for _ in range(n)]
     rows = rate_pairs(pair_prompts, samples[0::2], samples[1::2], temperature=info["label_temperature"],
                       seed=cfg.run.seed)
-    stage = {"rm": "reward"}.get(key.split(".")[0], key.split(".")[0])
-    ctx.log(f"{stage}: {len(rows)} pairs of {policy} samples on {len(prompts)} prompts, labelled by the task's "
-            "raters")
+    ctx.log(f"{key}: {len(rows)} pairs of {policy} samples on {len(prompts)} prompts, labelled by the task's raters")
     return quiet(ray.data.from_items(rows))
 
 
