@@ -51,8 +51,12 @@ class PromptStream:
     """Batches of P training prompts from one Ray Data dataset, reshuffled per epoch with a seeded shuffle, with
     a position (epoch, batch) that a checkpoint records and a resume restores.
 
-    A thread reads up to two batches ahead: an epoch's shuffle is an all-to-all Ray Data execution that takes
-    seconds on CPU, and read ahead it overlaps the actors' start-up and the steps instead of stalling them."""
+    A thread reads ahead: an epoch's shuffle is an all-to-all Ray Data execution that takes seconds on CPU, and
+    read ahead it overlaps the actors' start-up and the steps instead of stalling them. The thread reads each
+    epoch's shuffled prompts to the end (their text only; the all-to-all shuffle holds the whole epoch anyway) and
+    hands them out a batch at a time, up to two batches ahead. No Ray Data iteration is left half-read: one
+    abandoned mid-epoch keeps threads that touch Ray until garbage collection finalizes them, and one finalized
+    during or after `ray.shutdown()` ends the process with exit code 1."""
 
     AHEAD = 2
 
@@ -91,16 +95,16 @@ class PromptStream:
             return False
 
         try:
-            while True:
+            while not stop.is_set():
                 shuffled = self.train.random_shuffle(seed=self.seed + epoch)
-                n = 0
-                for batch in shuffled.iter_batches(batch_size=self.batch_size, batch_format="pandas", drop_last=True):
-                    n += 1
-                    if stop.is_set() or (n > skip and not put((epoch, n, list(batch["prompt"])))):
-                        return
-                if n == 0:
+                prompts = [row["prompt"] for row in shuffled.take_all()]
+                n_batches = len(prompts) // self.batch_size  # the last partial batch is dropped
+                if n_batches == 0:
                     raise ValueError(f"{self.path}: fewer training prompts than rollout.prompts_per_step "
                                      f"({self.batch_size}); expected at least one full batch")
+                for n in range(skip + 1, n_batches + 1):
+                    if not put((epoch, n, prompts[(n - 1) * self.batch_size : n * self.batch_size])):
+                        return
                 epoch, skip = epoch + 1, 0
         except BaseException as e:  # handed to the driver, which raises it from next()
             put(e)
@@ -117,16 +121,15 @@ class PromptStream:
         return self.epoch, self.batch_in_epoch
 
     def close(self) -> None:
-        # Stop the reader before Ray shuts down: a live Ray Data iterator finalized after ray.shutdown() would try
-        # to start Ray again at exit.
+        """Stop the reader; it finishes the epoch read it is in (its Ray Data execution ends, before Ray does)."""
         if self._reader is not None:
             thread, _, stop = self._reader
             stop.set()
-            thread.join(timeout=30)
+            thread.join()
             self._reader = None
 
     def heldout(self, n: int) -> list[str]:
-        return [row["prompt"] for row in self.test.take(n)]
+        return [row["prompt"] for row in self.test.limit(n).take_all()]  # read to the end: see the class doc
 
 
 class StepTimer:
