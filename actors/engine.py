@@ -59,11 +59,24 @@ def init_distributed(cfg: LearnerConfig, rank: int, world_size: int, master_addr
 
 
 def build_engine(cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int) -> TrainEngine:
+    set_cpu_threads(cfg.cpu_threads, world_size)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = DeepSpeedEngine if cfg.backend == "deepspeed" else TorchEngine
     return engine(cfg, model, rank, world_size)
+
+
+def set_cpu_threads(threads: int, ranks: int) -> int:
+    """Give this process `threads` torch threads (0: the cores it may run on / `ranks`, at least 1) when it trains
+    on CPU. -> the count. Ray starts an actor with OMP_NUM_THREADS = its logical CPUs, 1 for a learner: on a CPU
+    machine that leaves every other core idle while the learner trains, since in on-policy mode nothing else runs
+    then (README, benchmarks: TRL's trainer uses every core)."""
+    if torch.cuda.is_available():
+        return torch.get_num_threads()
+    n = threads or max(1, len(os.sched_getaffinity(0)) // ranks)
+    torch.set_num_threads(n)
+    return n
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -186,6 +186,12 @@ class LearnerConfig(Section):
     )
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state (and params under ZeRO-3).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="torch threads of each learner process on CPU (RL learners, critic, sft/reward/dpo workers); "
+        "0: the machine's cores / num_workers. Ray alone would give an actor one thread per logical CPU it holds.",
+    )
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> LearnerConfig:

@@ -159,3 +159,17 @@ def test_non_finite_reward_or_loss_skips_the_update(task_dir, backend):
     fresh.train_step(batch)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-7)
                for a, b in zip(lrn.engine.module.parameters(), fresh.engine.module.parameters(), strict=True))
+
+
+def test_learner_threads_default_to_the_cores_shared_among_ranks():
+    import os
+
+    from actors.engine import set_cpu_threads
+
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    try:
+        assert set_cpu_threads(0, 1) == cores == torch.get_num_threads()  # Ray alone would leave it at 1
+        assert set_cpu_threads(0, 2 * cores) == 1 == torch.get_num_threads()  # never 0
+        assert set_cpu_threads(3, 1) == 3 == torch.get_num_threads()  # learner.cpu_threads wins
+    finally:
+        torch.set_num_threads(before)
