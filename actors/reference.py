@@ -12,6 +12,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from actors.engine import set_cpu_threads
 from actors.sequences import response_logprobs
 from pipeline.config import ReferenceConfig
 from pipeline.types import Rollouts
@@ -56,6 +57,7 @@ class ReferenceWorker:
         self.board = board  # a WeightBoard actor to sign in with (restarts are counted there)
 
     def setup(self) -> None:
+        set_cpu_threads(self.cfg.cpu_threads, self.cfg.num_workers)
         self.model = load_frozen_model(AutoModelForCausalLM, self.model_dir)
         if self.board is not None:
             ray.get(self.board.sign_in.remote())

@@ -164,6 +164,9 @@ class ReferenceConfig(Section):
     model: Path | None = Field(None, description="Reference model (HF dir); None: the initial policy.")
     micro_batch_size: int = Field(32, ge=1, description="Sequences per reference forward pass.")
     num_workers: int = Field(1, ge=1, description="Reference-logprob actors.")
+    cpu_threads: int = Field(
+        0, ge=0, description="torch threads of each reference actor on CPU; 0: the machine's cores / num_workers."
+    )
 
 
 class LearnerConfig(Section):
