@@ -60,7 +60,8 @@ class ValueLearner:
         def load() -> torch.nn.Module:
             return AutoModelForTokenClassification.from_pretrained(self.model_dir, num_labels=1, dtype=torch.float32)
 
-        self.engine = start_engine(self.cfg, self.dist, self.seed, load)
+        # the critic trains while the policy learners do: the two groups share the cores
+        self.engine = start_engine(self.cfg, self.dist, self.seed, load, groups=2)
         return time.perf_counter() - start
 
     def compute_values(self, batch: Batch) -> Tensor:

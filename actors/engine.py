@@ -58,8 +58,12 @@ def init_distributed(cfg: LearnerConfig, rank: int, world_size: int, master_addr
         torch.distributed.init_process_group(dist_backend)
 
 
-def build_engine(cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int) -> TrainEngine:
-    set_cpu_threads(cfg.cpu_threads, world_size)
+def build_engine(
+    cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int, *, groups: int = 1
+) -> TrainEngine:
+    """`groups`: learner groups that train at the same time on these cores (2 for PPO: the policy and the critic),
+    which share them in the default thread count."""
+    set_cpu_threads(cfg.cpu_threads, world_size * groups)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -68,10 +72,10 @@ def build_engine(cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_si
 
 
 def set_cpu_threads(threads: int, ranks: int) -> int:
-    """Give this process `threads` torch threads (0: the cores it may run on / `ranks`, at least 1) when it trains
-    on CPU. -> the count. Ray starts an actor with OMP_NUM_THREADS = its logical CPUs, 1 for a learner: on a CPU
-    machine that leaves every other core idle while the learner trains, since in on-policy mode nothing else runs
-    then (README, benchmarks: TRL's trainer uses every core)."""
+    """Give this process `threads` torch threads when it trains on CPU (0: the cores it may run on / `ranks`, the
+    processes that train at the same time, at least 1). -> the count. Ray starts an actor with OMP_NUM_THREADS =
+    its logical CPUs, 1 for a learner: on a CPU machine that leaves every other core idle while the learner
+    trains, since in on-policy mode nothing else runs then (README, benchmarks: TRL's trainer uses every core)."""
     if torch.cuda.is_available():
         return torch.get_num_threads()
     n = threads or max(1, len(os.sched_getaffinity(0)) // ranks)
@@ -340,11 +344,13 @@ class Dist(NamedTuple):
     master_port: int
 
 
-def start_engine(cfg: LearnerConfig, dist: Dist, seed: int, load_model: Callable[[], torch.nn.Module]) -> TrainEngine:
+def start_engine(
+    cfg: LearnerConfig, dist: Dist, seed: int, load_model: Callable[[], torch.nn.Module], *, groups: int = 1
+) -> TrainEngine:
     """Join the process group, then load the model (same seed on every rank: new heads start identical)."""
     init_distributed(cfg, *dist)
     torch.manual_seed(seed)
-    return build_engine(cfg, load_model(), dist.rank, dist.world_size)
+    return build_engine(cfg, load_model(), dist.rank, dist.world_size, groups=groups)
 
 
 def save_hf(engine: TrainEngine, rank: int, model_dir: Path, out_dir: Path) -> None:

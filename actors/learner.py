@@ -64,7 +64,8 @@ class PolicyLearner:
 
         start = time.perf_counter()
         load = lambda: AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)  # noqa: E731
-        self.engine = start_engine(self.cfg, self.dist, self.seed, load)
+        groups = 2 if self.algo.name == "ppo" else 1  # PPO's critic trains beside the policy
+        self.engine = start_engine(self.cfg, self.dist, self.seed, load, groups=groups)
         return time.perf_counter() - start
 
     def compute_logprobs(self, batch: Batch) -> Tensor:
