@@ -165,7 +165,10 @@ class ReferenceConfig(Section):
     micro_batch_size: int = Field(32, ge=1, description="Sequences per reference forward pass.")
     num_workers: int = Field(1, ge=1, description="Reference-logprob actors.")
     cpu_threads: int = Field(
-        0, ge=0, description="torch threads of each reference actor on CPU; 0: the machine's cores / num_workers."
+        0,
+        ge=0,
+        description="torch threads of each reference actor on CPU; 0: the machine's cores / (num_workers + the rollout "
+        "workers), which generate while the reference scores (the RL stage resolves it).",
     )
 
 

@@ -20,7 +20,7 @@ from actors.rollout import RolloutWorker
 from actors.weight_sync import WeightBoard, broadcast_weights
 from cluster.plan import plan, release, reserve, resolve_device, spawn
 from pipeline import checkpoint
-from pipeline.config import Config, LearnerConfig
+from pipeline.config import Config, LearnerConfig, ReferenceConfig
 from pipeline.experience import combine_metrics
 from pipeline.stages.context import StageContext
 from pipeline.stream import CHUNK_SEED_STRIDE, ExperienceStream
@@ -50,6 +50,16 @@ def learner_settings(cfg: Config) -> LearnerConfig:
     return cfg.learner.model_copy(update={"cpu_threads": max(1, len(os.sched_getaffinity(0)) // sharing)})
 
 
+def reference_settings(cfg: Config) -> ReferenceConfig:
+    """`cfg.reference` with the default thread count resolved: the stream scores chunk c under the reference while
+    the engines generate chunk c+1, so reference actors share the cores with the rollout engines (2 threads beside
+    vLLM on 2 cores measured 134 samples/s in async mode against 165 with 1)."""
+    if cfg.reference.cpu_threads:
+        return cfg.reference
+    sharing = cfg.reference.num_workers + cfg.rollout.num_workers
+    return cfg.reference.model_copy(update={"cpu_threads": max(1, len(os.sched_getaffinity(0)) // sharing)})
+
+
 class Roles:
     def __init__(self, cfg: Config, ctx: StageContext):
         self.cfg = cfg
@@ -68,8 +78,8 @@ class Roles:
             "rollout"].count, {"seed": cfg.run.seed, "board": self.board}, **restarts)
         self.rewards = spawn(RewardWorker, roles["reward"], self.groups, [(cfg.reward, ctx.reward_dirs())] * roles[
             "reward"].count, {"board": self.board}, **restarts)
-        self.references = spawn(ReferenceWorker, roles["reference"], self.groups, [(cfg.reference, reference)] * roles[
-            "reference"].count, {"board": self.board}, **restarts)
+        self.references = spawn(ReferenceWorker, roles["reference"], self.groups, [(reference_settings(cfg), reference)]
+                                * roles["reference"].count, {"board": self.board}, **restarts)
         self.learners = self._learner_group(PolicyLearner, "learner")
         self.critic = self._learner_group(ValueLearner, "critic") if "critic" in roles else None
         self.stream: ExperienceStream | None = None
