@@ -196,7 +196,8 @@ class LearnerConfig(Section):
         0,
         ge=0,
         description="torch threads of each learner process on CPU (RL learners, critic, sft/reward/dpo workers); "
-        "0: the machine's cores / num_workers. Ray alone would give an actor one thread per logical CPU it holds.",
+        "0: the machine's cores / the processes training at once (num_workers; x2 for PPO's critic; + the rollout "
+        "workers in async mode). Ray alone would give an actor one thread per logical CPU it holds.",
     )
 
     @model_validator(mode="after")
