@@ -78,9 +78,14 @@ def set_cpu_threads(threads: int, ranks: int) -> int:
     trains, since in on-policy mode nothing else runs then (README, benchmarks: TRL's trainer uses every core)."""
     if torch.cuda.is_available():
         return torch.get_num_threads()
-    n = threads or max(1, len(os.sched_getaffinity(0)) // ranks)
+    n = threads or core_share(ranks)
     torch.set_num_threads(n)
     return n
+
+
+def core_share(processes: int) -> int:
+    """The cores this process may run on, split among `processes` that compute at the same time (at least 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // processes)
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

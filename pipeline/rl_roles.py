@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import ray
 import torch
 
 from actors.critic import ValueLearner
-from actors.engine import mean_metrics
+from actors.engine import core_share, mean_metrics
 from actors.learner import LearnerGroup, PolicyLearner
 from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
@@ -47,7 +46,7 @@ def learner_settings(cfg: Config) -> LearnerConfig:
         return cfg.learner
     groups = 2 if cfg.algo.name == "ppo" else 1
     sharing = cfg.learner.num_workers * groups + cfg.rollout.num_workers
-    return cfg.learner.model_copy(update={"cpu_threads": max(1, len(os.sched_getaffinity(0)) // sharing)})
+    return cfg.learner.model_copy(update={"cpu_threads": core_share(sharing)})
 
 
 def reference_settings(cfg: Config) -> ReferenceConfig:
@@ -57,7 +56,7 @@ def reference_settings(cfg: Config) -> ReferenceConfig:
     if cfg.reference.cpu_threads:
         return cfg.reference
     sharing = cfg.reference.num_workers + cfg.rollout.num_workers
-    return cfg.reference.model_copy(update={"cpu_threads": max(1, len(os.sched_getaffinity(0)) // sharing)})
+    return cfg.reference.model_copy(update={"cpu_threads": core_share(sharing)})
 
 
 class Roles:

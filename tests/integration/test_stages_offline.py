@@ -100,7 +100,7 @@ def test_the_eval_of_make_run_finds_the_policy_better_than_its_reference_on_gold
     run_dir, summary, _ = pipeline_run
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["reference"].endswith("stages/sft/policy") and report["policy"].endswith("stages/rl/policy")
-    # Gold win rate of the RL policy's samples over the SFT policy's on 64 held-out prompts x 4 pairs, with its
+    # Gold win rate of the RL policy's samples over the SFT policy's on 64 held-out prompts x 8 pairs, with its
     # 95% bootstrap interval over prompts: 0.5 means no better than the reference. Measured 0.637 [0.597, 0.678]
     # (gold 0.464 -> 0.580 at KL 1.33).
     win = report["win_rate"]["gold"]

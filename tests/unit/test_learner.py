@@ -173,3 +173,19 @@ def test_learner_threads_default_to_the_cores_shared_among_ranks():
         assert set_cpu_threads(3, 1) == 3 == torch.get_num_threads()  # learner.cpu_threads wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_async_learners_and_the_reference_share_the_cores_with_the_rollout_engines(monkeypatch):
+    import os
+
+    from pipeline.config import load_config
+    from pipeline.rl_roles import learner_settings, reference_settings
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # an 8-core machine
+    sync = load_config(REPO / "configs/tiny_irl.yaml")  # 1 learner, 1 reference, 1 rollout worker
+    assert learner_settings(sync).cpu_threads == 0  # nothing generates while it trains: the learner takes all
+    assert reference_settings(sync).cpu_threads == 4  # the reference scores while the engine generates
+    ppo = load_config(REPO / "configs/tiny_irl.yaml", ["rollout.async=true", "algo.name=ppo", "learner.num_workers=2"])
+    assert learner_settings(ppo).cpu_threads == 8 // (2 * 2 + 1)  # policy and critic ranks beside the engine
+    assert learner_settings(load_config(REPO / "configs/tiny_irl.yaml", ["learner.cpu_threads=3"])).cpu_threads == 3
