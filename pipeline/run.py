@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.errors import UserError
+from pipeline.ray_hooks import worker_setup
 from pipeline.stages import Artifacts, StageContext, stage_function
 
 SUMMARY = "summary.json"
@@ -30,6 +31,9 @@ QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
 }
+
+# Run in every Ray worker process of a job (Ray Data's executor poll: pipeline/ray_hooks.py).
+WORKER_SETUP = f"{worker_setup.__module__}.{worker_setup.__qualname__}"
 
 
 class Interrupted(Exception):
@@ -65,6 +69,7 @@ def start_ray(cfg: Config, min_cpus: float = 8) -> None:
 
     if ray.is_initialized():
         return
+    worker_setup()  # the driver runs Ray Data executions of its own (the prompt reader)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
@@ -75,7 +80,7 @@ def start_ray(cfg: Config, min_cpus: float = 8) -> None:
     with loopback_only():
         ray.init(
             num_cpus=int(max(min_cpus, need, os.cpu_count() or 1)),
-            runtime_env={"env_vars": QUIET_ENV},
+            runtime_env={"env_vars": QUIET_ENV, "worker_process_setup_hook": WORKER_SETUP},
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             log_to_driver=True,

@@ -170,7 +170,7 @@ def entrypoint(config: Path, overrides: list[str], job_dir: str, resume: str | N
 
 
 def runtime_env(requirements: Path | None, env: list[str]) -> dict[str, Any]:
-    from pipeline.run import QUIET_ENV
+    from pipeline.run import QUIET_ENV, WORKER_SETUP
 
     # `jobs stop` signals the job, then kills it after RAY_JOB_STOP_WAIT_TIME_S (Ray's default, 3 s, is too short
     # to finish the RL step in progress and checkpoint it). SIGINT, not Ray's default SIGTERM: a Ray driver's own
@@ -181,7 +181,8 @@ def runtime_env(requirements: Path | None, env: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"--env {item}: expected KEY=VALUE")
         env_vars[key] = value
-    out: dict[str, Any] = {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env_vars}
+    out: dict[str, Any] = {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env_vars,
+                           "worker_process_setup_hook": WORKER_SETUP}
     if requirements is not None:
         if not requirements.is_file():
             raise UserError(f"--requirements {requirements}: no such file")

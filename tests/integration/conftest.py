@@ -13,10 +13,12 @@ def local_ray():
     """One local Ray per test module, with a fixed CPU count, bound to 127.0.0.1."""
     import ray
 
-    from pipeline.run import loopback_only
+    from pipeline.run import WORKER_SETUP, loopback_only, worker_setup
 
+    worker_setup()  # the Ray Data poll of a raylign run (pipeline/ray_hooks.py), here and in every worker
     with loopback_only():  # a `_node_ip_address` of 127.0.0.1 alone does not keep Ray on loopback
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"worker_process_setup_hook": WORKER_SETUP})
     yield ray
     ray.shutdown()
 

@@ -148,3 +148,16 @@ def test_prompt_stream_serves_seeded_epochs_resumes_mid_epoch_and_leaves_no_read
     while ray_data_threads() != before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray_data_threads() == before
+
+
+def test_ray_workers_run_ray_data_with_raylign_s_executor_poll(local_ray):
+    """The worker hook reaches Ray's worker processes (Ray Data's executor runs in one: the split coordinator)."""
+    from pipeline.ray_hooks import RAY_DATA_POLL_S
+
+    @local_ray.remote(num_cpus=0)
+    def poll() -> float:
+        from ray.data._internal.execution import streaming_executor_state
+
+        return streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+
+    assert local_ray.get(poll.remote()) == RAY_DATA_POLL_S

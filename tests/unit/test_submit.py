@@ -73,6 +73,7 @@ def test_runtime_env_ships_the_project_without_venv_runs_and_caches(tmp_path):
         assert pattern in env["excludes"]
     assert env["env_vars"]["HF_HOME"] == "/cache" and env["env_vars"]["A"] == "b=c"
     assert env["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"  # reaches the run's clean-stop handler
+    assert env["worker_process_setup_hook"] == "pipeline.ray_hooks.worker_setup"  # Ray Data's poll, as locally
     (tmp_path / "req.txt").write_text("# pinned\nvllm==0.1\n\nfoo>=2\n")
     assert runtime_env(tmp_path / "req.txt", [])["pip"] == ["vllm==0.1", "foo>=2"]
     with pytest.raises(UserError, match="--env X: expected KEY=VALUE"):
