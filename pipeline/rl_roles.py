@@ -50,12 +50,15 @@ def learner_settings(cfg: Config) -> LearnerConfig:
 
 
 def reference_settings(cfg: Config) -> ReferenceConfig:
-    """`cfg.reference` with the default thread count resolved: the stream scores chunk c under the reference while
-    the engines generate chunk c+1, so reference actors share the cores with the rollout engines (2 threads beside
-    vLLM on 2 cores measured 134 samples/s in async mode against 165 with 1)."""
+    """`cfg.reference` with the default thread count resolved. When a step has several chunks (or in async mode),
+    the stream scores chunk c under the reference while the engines generate chunk c+1, so reference actors share
+    the cores with the rollout engines (2 threads beside vLLM on 2 cores measured 134 samples/s in async mode
+    against 165 with 1). A sync step of one chunk scores it alone: the reference takes the cores (25.8M policy,
+    8 x 8 samples: 0.95 s with 1 thread, 0.60 s with 2)."""
     if cfg.reference.cpu_threads:
         return cfg.reference
-    sharing = cfg.reference.num_workers + cfg.rollout.num_workers
+    overlaps = cfg.rollout.async_ or cfg.rollout.prompts_per_step > cfg.rollout.chunk_size
+    sharing = cfg.reference.num_workers + (cfg.rollout.num_workers if overlaps else 0)
     return cfg.reference.model_copy(update={"cpu_threads": core_share(sharing)})
 
 

@@ -185,7 +185,11 @@ def test_async_learners_and_the_reference_share_the_cores_with_the_rollout_engin
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # an 8-core machine
     sync = load_config(REPO / "configs/tiny_irl.yaml")  # 1 learner, 1 reference, 1 rollout worker
     assert learner_settings(sync).cpu_threads == 0  # nothing generates while it trains: the learner takes all
-    assert reference_settings(sync).cpu_threads == 4  # the reference scores while the engine generates
+    assert reference_settings(sync).cpu_threads == 4  # the reference scores chunk c while the engine generates c+1
+    one_chunk = load_config(REPO / "configs/tiny_irl.yaml", ["rollout.chunk_size=32"])
+    assert reference_settings(one_chunk).cpu_threads == 8  # a step of one chunk: nothing generates while it scores
+    async_one_chunk = load_config(REPO / "configs/tiny_irl.yaml", ["rollout.chunk_size=32", "rollout.async=true"])
+    assert reference_settings(async_one_chunk).cpu_threads == 4  # the next step's chunk generates meanwhile
     ppo = load_config(REPO / "configs/tiny_irl.yaml", ["rollout.async=true", "algo.name=ppo", "learner.num_workers=2"])
     assert learner_settings(ppo).cpu_threads == 8 // (2 * 2 + 1)  # policy and critic ranks beside the engine
     assert learner_settings(load_config(REPO / "configs/tiny_irl.yaml", ["learner.cpu_threads=3"])).cpu_threads == 3
