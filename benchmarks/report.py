@@ -294,6 +294,10 @@ def print_targets(results: dict) -> None:
         print("bench target: " + " | ".join(str(c).replace("**", "") for c in fmt_target(t)))
 
 
+def latest() -> Path:
+    """The newest results file, by the time in its name (a fresh clone's file times are all the checkout's)."""
+    return sorted((BENCH / "results").glob("bench-*.json"))[-1]
+
+
 if __name__ == "__main__":
-    files = sorted((BENCH / "results").glob("bench-*.json"), key=lambda p: p.stat().st_mtime)
-    write_reports(Path(sys.argv[1]) if len(sys.argv) > 1 else files[-1])
+    write_reports(Path(sys.argv[1]) if len(sys.argv) > 1 else latest())
