@@ -31,9 +31,13 @@ def worker_setup() -> None:
         sys.meta_path.insert(0, _SetPollOnImport())
 
 
-def set_poll(module: ModuleType, seconds: float = RAY_DATA_POLL_S) -> None:
+def set_poll(module: ModuleType) -> None:
     if hasattr(module, POLL_CONSTANT):  # a Ray without the constant keeps its own behaviour
-        setattr(module, POLL_CONSTANT, seconds)
+        setattr(module, POLL_CONSTANT, RAY_DATA_POLL_S)
+
+
+# The hook as Ray's runtime_env names it (`pipeline.run.start_ray`, `pipeline.submit.runtime_env`).
+WORKER_SETUP = f"{worker_setup.__module__}.{worker_setup.__qualname__}"
 
 
 class _SetPollOnImport(importlib.abc.MetaPathFinder):

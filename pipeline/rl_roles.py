@@ -54,7 +54,7 @@ def reference_settings(cfg: Config) -> ReferenceConfig:
     the stream scores chunk c under the reference while the engines generate chunk c+1, so reference actors share
     the cores with the rollout engines (2 threads beside vLLM on 2 cores measured 134 samples/s in async mode
     against 165 with 1). A sync step of one chunk scores it alone: the reference takes the cores (25.8M policy,
-    8 x 8 samples: 0.95 s with 1 thread, 0.60 s with 2)."""
+    8 x 8 samples, `make bench`: 0.90-0.99 s a step with 1 thread, 0.64-0.67 s with 2)."""
     if cfg.reference.cpu_threads:
         return cfg.reference
     overlaps = cfg.rollout.async_ or cfg.rollout.prompts_per_step > cfg.rollout.chunk_size

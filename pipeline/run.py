@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.errors import UserError
-from pipeline.ray_hooks import worker_setup
+from pipeline.ray_hooks import WORKER_SETUP, worker_setup
 from pipeline.stages import Artifacts, StageContext, stage_function
 
 SUMMARY = "summary.json"
@@ -31,9 +31,6 @@ QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
 }
-
-# Run in every Ray worker process of a job (Ray Data's executor poll: pipeline/ray_hooks.py).
-WORKER_SETUP = f"{worker_setup.__module__}.{worker_setup.__qualname__}"
 
 
 class Interrupted(Exception):

@@ -170,7 +170,8 @@ def entrypoint(config: Path, overrides: list[str], job_dir: str, resume: str | N
 
 
 def runtime_env(requirements: Path | None, env: list[str]) -> dict[str, Any]:
-    from pipeline.run import QUIET_ENV, WORKER_SETUP
+    from pipeline.ray_hooks import WORKER_SETUP
+    from pipeline.run import QUIET_ENV
 
     # `jobs stop` signals the job, then kills it after RAY_JOB_STOP_WAIT_TIME_S (Ray's default, 3 s, is too short
     # to finish the RL step in progress and checkpoint it). SIGINT, not Ray's default SIGTERM: a Ray driver's own

@@ -13,7 +13,8 @@ def local_ray():
     """One local Ray per test module, with a fixed CPU count, bound to 127.0.0.1."""
     import ray
 
-    from pipeline.run import WORKER_SETUP, loopback_only, worker_setup
+    from pipeline.ray_hooks import WORKER_SETUP, worker_setup
+    from pipeline.run import loopback_only
 
     worker_setup()  # the Ray Data poll of a raylign run (pipeline/ray_hooks.py), here and in every worker
     with loopback_only():  # a `_node_ip_address` of 127.0.0.1 alone does not keep Ray on loopback

@@ -62,8 +62,8 @@ def test_reward_model_learns_most_of_what_the_labels_hold(pipeline_run):
     accuracy, bayes = summary["rm/heldout_accuracy"], summary["rm/bayes_optimal_accuracy"]
     assert bayes == task["bayes_optimal_accuracy"] == summary["task/bayes_optimal_accuracy"]
     assert summary["rm/heldout_accuracy_over_bayes"] == pytest.approx(accuracy / bayes)
-    # 10,240 test pairs: chance is 0.5 (standard error 0.005). Measured 0.806 (0.910 x Bayes), against 0.645 with
-    # the 4 pairs per prompt of before; 0.7 is many standard errors below both.
+    # 10,240 test pairs: chance is 0.5 (standard error 0.005). Measured 0.806, 0.801 and 0.800 (0.903-0.910 x Bayes:
+    # three runs), against 0.645 with the 4 pairs per prompt of before; 0.7 is many standard errors below both.
     assert math.sqrt(accuracy * (1 - accuracy) / task["rows"]["test_pairs"]) < 0.012
     assert accuracy > 0.7
     (member,) = Artifacts.load(run_dir).reward
