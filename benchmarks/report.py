@@ -1,6 +1,7 @@
 """Render a results file of `make bench` as Markdown: benchmarks/RESULTS.md (every table, every run) and the
-README's benchmark block between `<!-- bench:start -->` and `<!-- bench:end -->` (the targets and the main
-tables). `python -m benchmarks.report [RESULTS.json]` re-renders the newest results file."""
+benchmark block of docs/benchmarks.md between `<!-- bench:start -->` and `<!-- bench:end -->` (the targets and
+the main tables). README carries no numbers of its own; it links to both. `python -m benchmarks.report
+[RESULTS.json]` re-renders from a results file, the newest by default."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 from benchmarks.analysis import STAGES, step_durations, throughput
 
 BENCH = Path(__file__).resolve().parent
-README = BENCH.parent / "README.md"
+RESULTS_MD = BENCH / "RESULTS.md"
+DOC = BENCH.parent / "docs" / "benchmarks.md"  # the page whose block holds the targets and the main tables
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -247,6 +249,7 @@ def runs_md(r: dict) -> list[str]:
 
 
 def render(r: dict, name: str) -> tuple[str, str]:
+    """-> (the block for docs/benchmarks.md, markers included; the whole of RESULTS.md, without its last newline)."""
     s = r["summary"]
     partial = "" if r.get("complete", True) else " **Partial: the run was stopped before every part ran.**"
     head = [f"Measured by {machine_line(r)} Results file: `benchmarks/results/{name}`.{partial}", ""]
@@ -260,7 +263,7 @@ def render(r: dict, name: str) -> tuple[str, str]:
         *async_md(s),
         *peak_md(s),
     ]
-    readme = "\n".join([START, *head, *body, END])
+    block = "\n".join([START, *head, *body, END])
     full = "\n".join(
         [
             "# Benchmark results",
@@ -272,21 +275,24 @@ def render(r: dict, name: str) -> tuple[str, str]:
             *runs_md(r),
         ]
     )
-    return readme, full
+    return block, full
 
 
-def write_reports(path: Path) -> None:
-    results = json.loads(path.read_text())
-    readme_block, full = render(results, path.name)
-    (BENCH / "RESULTS.md").write_text(full + "\n")
-    text = README.read_text()
+def replace_block(text: str, block: str) -> str:
+    """`text` with its START ... END block replaced by `block` (which carries the markers)."""
+    before, rest = text.split(START, 1)
+    return before + block + rest.split(END, 1)[1]
+
+
+def write_reports(path: Path, results_md: Path = RESULTS_MD, doc: Path = DOC) -> None:
+    block, full = render(json.loads(path.read_text()), path.name)
+    results_md.write_text(full + "\n")
+    text = doc.read_text() if doc.exists() else ""
     if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + readme_block + rest.split(END, 1)[1]
-        README.write_text(text)
+        doc.write_text(replace_block(text, block))
+        print(f"report: wrote {results_md} and the block of {doc}")
     else:
-        print(f"report: {README} has no {START} ... {END} block; only RESULTS.md written")
-    print(f"report: wrote {BENCH / 'RESULTS.md'} and the README block")
+        print(f"report: {doc} has no {START} ... {END} block; only {results_md} written")
 
 
 def print_targets(results: dict) -> None:
