@@ -43,6 +43,31 @@ class WeightSyncExtension:
         # `reload_weights` maps HF names onto vLLM's fused layers and redoes the CPU backend's weight repacking;
         # calling `model_runner.model.load_weights` directly fails on CPU for exactly that repacking.
         self.reload_weights(weights_iterator=iter(named_tensors))
+        repack_tied_layers(self.model_runner.get_model())
+
+
+def repack_tied_layers(model: torch.nn.Module) -> list[str]:
+    """Rebuild the CPU GEMM kernels of layers whose weight is tied to another layer's; returns their names.
+
+    On CPU, vLLM packs a copy of each linear weight (`layer.cpu_linear`) after loading. A tied `lm_head` shares
+    `embed_tokens.weight`, so an in-place reload updates the shared tensor through the embedding but never
+    processes the head (no checkpoint name maps to it): its packed copy, which computes every logit, keeps the
+    first weights. Re-running the head's weight processing repacks it from the shared tensor. No-op on GPU."""
+    layers_by_weight: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            layers_by_weight.setdefault(id(weight), []).append((name, module))
+    repacked = []
+    for layers in layers_by_weight.values():
+        if len(layers) < 2:
+            continue
+        for name, module in layers:
+            method = getattr(module, "quant_method", None)
+            if hasattr(module, "cpu_linear") and method is not None:
+                method.process_weights_after_loading(module)
+                repacked.append(name)
+    return repacked
 
 
 class WeightBoard:

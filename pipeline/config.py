@@ -115,6 +115,17 @@ class RolloutConfig(Section):
     tensor_parallel_size: int = Field(
         1, ge=1, description="GPUs per vLLM engine (tensor parallel inside the actor's placement bundle); 1 on CPU."
     )
+    max_logprob_mismatch: float = Field(
+        1e-2,
+        gt=0,
+        description="Largest |learner - rollout| logprob of a sampled token (mismatch/logprob_abs_max) allowed in an "
+        "on-policy step; above it the weights the engines sample with are not the learner's. fp32 on CPU stays "
+        "far below; bf16 on GPU needs more (docs/models.md).",
+    )
+    on_mismatch: Literal["warn", "error"] = Field(
+        "warn", description="Above max_logprob_mismatch: warn in one line, or stop the run (exit 1) before the step "
+        "is checkpointed."
+    )
 
 
 class RewardConfig(Section):

@@ -19,7 +19,8 @@ from actors.rollout import RolloutWorker
 from actors.weight_sync import WeightBoard, broadcast_weights
 from cluster.plan import plan, release, reserve, resolve_device, spawn
 from pipeline import checkpoint
-from pipeline.config import Config, LearnerConfig, ReferenceConfig
+from pipeline.config import Config, LearnerConfig, ReferenceConfig, RolloutConfig
+from pipeline.errors import RunFailure
 from pipeline.experience import combine_metrics
 from pipeline.stages.context import StageContext
 from pipeline.stream import CHUNK_SEED_STRIDE, ExperienceStream
@@ -62,9 +63,27 @@ def reference_settings(cfg: Config) -> ReferenceConfig:
     return cfg.reference.model_copy(update={"cpu_threads": core_share(sharing)})
 
 
+def check_mismatch(step: int, metrics: dict[str, float], cfg: RolloutConfig) -> str | None:
+    """The mismatch guard: in an on-policy step (every sample drawn with the weights of step - 1, the learner's
+    before its update) learner and rollout logprobs of the same tokens must agree. -> a one-line warning when
+    `mismatch/logprob_abs_max` is over `cfg.max_logprob_mismatch`, else None; with `cfg.on_mismatch` "error"
+    it raises RunFailure instead. Stale samples (async mode) differ by design and are not checked."""
+    value = metrics.get("mismatch/logprob_abs_max")
+    if value is None or metrics.get("weight_version") != step - 1 or value <= cfg.max_logprob_mismatch:
+        return None
+    what = (f"rl step {step}: learner and rollout logprobs of the same tokens differ by up to {value:.3g} "
+            f"(mismatch/logprob_abs_max), over rollout.max_logprob_mismatch={cfg.max_logprob_mismatch:g}: the "
+            "engines sampled with weights that are not the learner's (weight sync), so the step is off-policy")
+    if cfg.on_mismatch == "error":
+        raise RunFailure(f"{what}; rollout.on_mismatch=error stops the run before step {step} is checkpointed "
+                         "(`raylign run --resume RUN_DIR` continues from the last complete checkpoint)")
+    return f"warning: {what} (rollout.on_mismatch=error stops the run instead)"
+
+
 class Roles:
     def __init__(self, cfg: Config, ctx: StageContext):
         self.cfg = cfg
+        self.log = ctx.log
         self.gold_reward = ctx.gold_reward()
         self.policy_dir = ctx.policy_dir()
         self.resource_plan = plan(cfg, device=resolve_device(cfg))
@@ -133,6 +152,8 @@ class Roles:
         chunks = [c for r in results for c in r["chunks"]]
         metrics.update(combine_metrics([m for m, _ in chunks]))
         metrics["faults/restarts"] = float(self.restarts_before + self.restarts())
+        if warning := check_mismatch(step, metrics, self.cfg.rollout):
+            self.log(warning)
         return metrics, [t for _, times in chunks for t in times], max(r["ready"] for r in results)
 
     def restarts(self) -> int:
