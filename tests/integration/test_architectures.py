@@ -113,3 +113,41 @@ def test_the_mismatch_guard_fires_on_a_sync_with_one_corrupted_tensor(local_ray,
     finally:
         learners.shutdown()
         ray.kill(rollout)
+
+
+def test_a_qwen2_run_on_messages_prompts_stays_on_policy_until_a_bad_sync_stops_it(local_ray, task_dir, tmp_path,
+                                                                                   monkeypatch):
+    # The user's path end to end (`raylign run` in this process, so the sync can be tampered with): a Qwen2
+    # policy, messages prompts in JSONL. Steps 1-3 must agree to 1e-3; the sync after step 3 corrupts one
+    # tensor, and with rollout.on_mismatch=error step 4 stops the run naming the step.
+    import json
+
+    from pipeline import rl_roles
+    from pipeline.run import run
+    from tests.conftest import REPO
+
+    model_dir = write_user_model(task_dir, "qwen2", tmp_path / "model")
+    prompts = write_messages_prompts(task_dir, tmp_path / "prompts.jsonl")
+    real_broadcast = rl_roles.broadcast_weights
+
+    def broadcast_corrupting_sync_3(named_tensors, version, rollout_actors, board=None):
+        named_tensors = dict(named_tensors)
+        if version == 3:
+            name = "model.layers.0.self_attn.q_proj.bias"  # Qwen2's qkv bias
+            named_tensors[name] = named_tensors[name] + 0.5
+        return real_broadcast(named_tensors, version, rollout_actors, board=board)
+
+    monkeypatch.setattr(rl_roles, "broadcast_weights", broadcast_corrupting_sync_3)
+    cfg = load_config(REPO / "configs/tiny_grpo.yaml", [
+        "stages=[rl]", f"model.policy={model_dir}", f"data.prompts={prompts}", "run.max_steps=4",
+        "rollout.prompts_per_step=4", f"rollout.samples_per_prompt={G}", "rollout.chunk_size=4",
+        "rollout.max_new_tokens=12", "run.eval_prompts=4", f"run.output_dir={tmp_path / 'runs'}",
+        "rollout.on_mismatch=error", f"rollout.max_logprob_mismatch={TOLERANCE}",
+        f"rollout.kv_cache_memory_bytes={32 * 2**20}"])
+    with pytest.raises(RunFailure, match=r"rl step 4: learner and rollout logprobs .* differ by up to"):
+        run(cfg, log=lambda _: None)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    steps = [r for r in rows if "mismatch/logprob_abs_max" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["mismatch/logprob_abs_max"] <= TOLERANCE for r in steps), steps
