@@ -123,7 +123,7 @@ def _cpu_engine_args(cfg: RolloutConfig) -> dict:
 
 
 def _gpu_engine_args(cfg: RolloutConfig) -> dict:
-    """NOT RUN ON A GPU YET. "mp" spawns one worker per GPU that Ray made visible to this actor (its bundle)."""
+    """"mp" spawns one worker per GPU that Ray made visible to this actor (its bundle)."""
     from vllm.config import WeightTransferConfig
 
     return {
@@ -265,7 +265,7 @@ class RolloutWorker:
         return self._version
 
     # ---- GPU weight sync: vLLM's NCCL weight-transfer engine, driven by actors.weight_sync._broadcast_nccl. ----
-    # NOT RUN ON A GPU YET. The names mirror vLLM's `VLLMWeightSyncClient` protocol.
+    # The names mirror vLLM's `VLLMWeightSyncClient` protocol.
 
     def engine_world_size(self) -> int:
         """GPU workers of this engine, i.e. NCCL ranks it adds to the weight-transfer group."""

@@ -4,8 +4,8 @@ One entry point, `broadcast_weights(named_tensors, version, rollout_actors)`, wi
 the tensors live:
 - CPU: the update goes once into the Ray object store and every rollout actor reloads it in place
   (vLLM's `reload_weights` via `WeightSyncExtension`, or `load_state_dict` for the HF backend).
-- GPU: vLLM's NCCL weight-transfer engine broadcasts straight from the learner's GPU into the engines' GPUs.
-  NOT RUN ON A GPU YET: written against vLLM 0.32's `NCCLTrainerWeightTransferEngine`, exercised by no test.
+- GPU: vLLM's NCCL weight-transfer engine broadcasts straight from the learner's GPU into the engines' GPUs
+  (vLLM 0.32's `NCCLTrainerWeightTransferEngine`; its status is in docs/gpu.md).
 
 Every update carries a version; rollouts report the version that produced them, so the learner can tell
 on-policy samples from stale ones.
@@ -119,7 +119,7 @@ def _broadcast_object_store(named_tensors: dict[str, Tensor], version: int, roll
     ray.get([actor.load_weights.remote(ref) for actor in rollout_actors])
 
 
-# ---- GPU transport: vLLM's NCCL weight-transfer engine. NOT RUN ON A GPU YET (no GPU test machine so far). ----
+# ---- GPU transport: vLLM's NCCL weight-transfer engine (docs/gpu.md). ----
 
 # The NCCL group between this learner process (rank 0) and the engines' GPU workers is built once and reused
 # by every later sync; keyed by the actors so a new set of rollout actors gets its own group.
@@ -127,7 +127,7 @@ _NCCL_SENDERS: dict[tuple[str, ...], tuple[Any, _RolloutClient, _NamedTensorSour
 
 
 def _broadcast_nccl(named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any]) -> None:
-    """NCCL broadcast from this process's GPU into every engine's GPU workers. NOT RUN ON A GPU YET.
+    """NCCL broadcast from this process's GPU into every engine's GPU workers.
 
     Must run in the process that holds the CUDA tensors (learner rank 0); the engines must have been started
     with `weight_transfer_config=nccl` (RolloutWorker does this on GPU). Per sync, vLLM's trainer engine calls

@@ -20,3 +20,15 @@ def task_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("task")
     write_task(out, SynthConfig(num_prompts=64), seed=7, log=lambda _: None)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests prove GPU code paths (docs/gpu.md): skipped, visibly, on a machine without a CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (docs/gpu.md)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
