@@ -28,3 +28,30 @@ def test_the_rule_sees_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from vllm import LLM\n")
     assert "vllm" in set(imported_roots(bad))
+
+
+IMPORT_PROBE = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("vllm", "deepspeed"))))
+"""
+
+
+def heavy_modules_loaded_by(*modules: str) -> list[str]:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *modules], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_driver_entry_points_load_neither_vllm_nor_deepspeed_even_indirectly():
+    # The AST rule above sees direct imports only; this runs the imports, so a chain through actors/ shows up.
+    assert heavy_modules_loaded_by("pipeline.cli", "pipeline.run", "pipeline.rl", "pipeline.rl_roles") == []
+
+
+def test_the_import_probe_sees_an_indirect_import():
+    assert "deepspeed" in heavy_modules_loaded_by("tests.unit.import_probe_planted")
