@@ -88,6 +88,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from pipeline.config import load_config, to_yaml
 
@@ -162,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.max_steps=10 sweep.scheduler=asha")
     sweep.add_argument("--resume", metavar="SWEEP_DIR", default=None, help="continue this sweep dir (its saved config)")
     sweep.set_defaults(func=cmd_sweep)
+
+    report = commands.add_parser(
+        "report", help="write RUN_DIR/report.html: one self-contained page of a run",
+        description="Write RUN_DIR/report.html (and print its path): summary.json and eval.json with their "
+        "intervals, the stage timeline, every plot (embedded), the resolved config.yaml, and links to tb/ and "
+        "models/. The page opens from disk, with no server and no network. `raylign run` writes it at its end.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run dir (holds config.yaml)")
+    report.set_defaults(func=cmd_report)
 
     config = commands.add_parser("config", help="inspect configs").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND"

@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.errors import UserError
 from pipeline.ray_hooks import WORKER_SETUP, worker_setup
+from pipeline.report import write_report
 from pipeline.stages import Artifacts, StageContext, stage_function
 
 SUMMARY = "summary.json"
@@ -172,6 +173,7 @@ def _run_stages(cfg: Config, run_dir: Path, log, stop: StopRequest) -> Path:
     export_models(run_dir, artifacts)
     summary["wall_s"] = summary.get("wall_s", 0.0) + time.perf_counter() - started
     write_summary(run_dir, summary)
+    log(f"run: report {write_report(run_dir)}")
     return run_dir
 
 
