@@ -58,9 +58,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.console import set_verbose
     from pipeline.run import Interrupted, run
 
     cfg = load_config(args.config, args.overrides)
+    set_verbose(args.verbose)
     try:
         run_dir = run(cfg, resume=Path(args.resume) if args.resume else None)
     except Interrupted as e:
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="CONFIG")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.max_steps=5 algo.kl.coef=0.1")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run dir (its saved config)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show the libraries' logs (Ray, vLLM, DeepSpeed) here too, not only in RUN_DIR/logs/")
     run.set_defaults(func=cmd_run)
 
     sweep = commands.add_parser(

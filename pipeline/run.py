@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, load_config, to_yaml
+from pipeline.console import LOG_DIR, into_driver_log, quiet_driver_logs, route_worker_output
 from pipeline.errors import UserError
 from pipeline.ray_hooks import WORKER_SETUP, worker_setup
 from pipeline.report import write_report
@@ -60,17 +61,31 @@ class StopRequest:
         return self.signum
 
 
-def start_ray(cfg: Config, min_cpus: float = 8) -> None:
+def start_ray(cfg: Config, min_cpus: float = 8, log_dir: Path | None = None, log=print) -> None:
     """Join the cluster in RAY_ADDRESS, else start a local Ray bound to 127.0.0.1 with enough logical CPUs for
-    the resource plan (on a 2-core machine the actors mostly wait on each other, so oversubscribing is fine)."""
+    the resource plan (on a 2-core machine the actors mostly wait on each other, so oversubscribing is fine).
+    With `log_dir`, the library logs of this process and of every Ray worker go to files there
+    (pipeline/console.py), unless verbose."""
     import ray
 
     if ray.is_initialized():
         return
+    if log_dir is not None and quiet_driver_logs(log_dir) is not None:
+        log(f"run: library logs (Ray, vLLM, DeepSpeed, ...) go to {log_dir}/ (--verbose shows them here)")
     worker_setup()  # the driver runs Ray Data executions of its own (the prompt reader)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
+    with into_driver_log(log_dir) if log_dir is not None else contextlib.nullcontext():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:
+            _start_local_ray(cfg, min_cpus)
+    if log_dir is not None:
+        quiet_driver_logs(log_dir)  # ray.init set Ray's loggers up again
+        route_worker_output(log_dir)
+
+
+def _start_local_ray(cfg: Config, min_cpus: float) -> None:
+    import ray
+
     from cluster.plan import plan
 
     need = plan(cfg).total().get("CPU", 0.0) + 2  # + Ray Data and Ray Train coordinators
@@ -143,7 +158,8 @@ def run(cfg: Config, *, resume: Path | None = None, log=print) -> Path:
 def run_stages(cfg: Config, run_dir: Path, log=print) -> Path:
     """Run the stages of `cfg` that `run_dir` has not finished; the first SIGINT/SIGTERM stops at the next clean
     point and raises Interrupted. -> run_dir."""
-    start_ray(cfg)  # first: ray.init installs a SIGTERM handler of its own (exit at once) that would replace ours
+    # first: ray.init installs a SIGTERM handler of its own (exit at once) that would replace ours
+    start_ray(cfg, log_dir=run_dir / LOG_DIR, log=log)
     stop = StopRequest(log)
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
