@@ -52,6 +52,7 @@ def main(spec_path: str, out_path: str) -> None:
     from pipeline.rl import train_iter
     from pipeline.run import start_ray
     from pipeline.stages.context import Artifacts, StageContext
+    from pipeline.types import EvalRow, Restart, StepRow
 
     spec = json.loads(Path(spec_path).read_text())
     run_dir = Path(spec["run_dir"])
@@ -62,16 +63,20 @@ def main(spec_path: str, out_path: str) -> None:
     events = {"started": STARTED, "imported": time.time(), "steps": [], "evals": []}
     start_ray(cfg)
     try:
-        for m in train_iter(cfg, ctx):
+        for event in train_iter(cfg, ctx):
             now = time.time()
-            if "eval/prompts" in m:
-                events["evals"].append({"time": now, **m})
-                if m["step"] == 0:
-                    events["ready"] = now
-                continue
-            keep = {k: v for k, v in m.items() if isinstance(v, int | float)}
-            events["steps"].append({"time": now, **keep})
-            print(f"raylign step {m['step']}: {m['samples_per_s']:.1f} samples/s (loop timer)", flush=True)
+            match event:
+                case EvalRow(step=step, metrics=metrics, final=final):
+                    events["evals"].append({"time": now, "step": step, **({"final": True} if final else {}),
+                                            **metrics})
+                    if step == 0:
+                        events["ready"] = now
+                case StepRow(step=step, metrics=metrics):
+                    keep = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+                    events["steps"].append({"time": now, "step": step, **keep})
+                    print(f"raylign step {step}: {metrics['samples_per_s']:.1f} samples/s (loop timer)", flush=True)
+                case Restart(step=step):  # timings across an actor restart measure the restart: not a result
+                    raise RuntimeError(f"the loop restarted its actors from step {step}; no benchmark result")
         events["finished"] = time.time()
         # Written before ray.shutdown(): a Ray Data thread that outlives the stream can end the process at
         # shutdown ("The core worker has already been shutdown"); the driver records that exit code.

@@ -1,4 +1,4 @@
-"""The online RL loop: `train_iter(cfg, ctx)` yields one dict of metrics per step (STYLE.md rule 5).
+"""The online RL loop: `train_iter(cfg, ctx)` yields one typed event per step and evaluation (STYLE.md rule 5).
 
 Dataflow per step: the next P prompts come from a Ray Data read of the prompt file and are fed, in chunks, into
 the experience stream (pipeline/stream.py: one long-lived Ray Data pipeline rollout -> reward -> reference
@@ -35,6 +35,7 @@ from pipeline.data import RowCheck, read_dataset
 from pipeline.errors import RunFailure
 from pipeline.experience import stage_seconds
 from pipeline.stages.context import StageContext
+from pipeline.types import EvalRow, LoopEvent, Restart, StepRow
 
 
 @dataclass
@@ -178,13 +179,15 @@ def step_seed(cfg: Config, step: int) -> int:
     return random.Random(f"{cfg.run.seed}:{step}").getrandbits(30)
 
 
-def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[dict[str, Any]]:
-    """Yield the metrics of every RL step until `run.max_steps`; resumes from the stage's last checkpoint.
-    `stop()` returning a truthy value ends the loop cleanly after a checkpoint of the finished step.
+def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[LoopEvent]:
+    """Yield the events of the RL loop until `run.max_steps`; resumes from the stage's last checkpoint:
+    `EvalRow(0, ...)` (the held-out evaluation before step 1, when starting from step 0), one `StepRow` per step,
+    then `EvalRow(max_steps, ..., final=True)` (the evaluation after the last step). `stop()` returning a truthy
+    value ends the loop cleanly after a checkpoint of the finished step (no final evaluation).
 
     An actor that dies for good (a learner rank; a rollout, reward or reference actor out of restarts) ends the
     attempt. With `run.max_failures` left, every role starts again from the last complete checkpoint, after a
-    row {"step": s, "restart": n} telling the consumer that the steps after s come again; else RunFailure."""
+    `Restart(s, n)` telling the consumer that what came after step s comes again; else RunFailure."""
     ckpt_root = ctx.stage_dir("rl") / "checkpoints"
     restarts = [0]  # worker restarts of the attempts so far: `faults/restarts` counts the whole run
     for failures in range(cfg.run.max_failures + 1):
@@ -201,10 +204,10 @@ def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[dict[str, 
                                  f"from {where}") from e
             ctx.log(f"rl: an actor died ({cause}); restarting every role from {where} "
                     f"(restart {failures + 1} of run.max_failures={cfg.run.max_failures})")
-            yield {"step": checkpoint.load_state(last)["step"] if last else 0, "restart": failures + 1}
+            yield Restart(checkpoint.load_state(last)["step"] if last else 0, failures + 1)
 
 
-def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Iterator[dict[str, Any]]:
+def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Iterator[LoopEvent]:
     from pipeline.rl_roles import Roles
 
     ckpt_root = ctx.stage_dir("rl") / "checkpoints"
@@ -226,7 +229,7 @@ def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Itera
             roles.load_checkpoint(resume_from, version=state.step)
             ctx.log(f"rl: resumed from {resume_from.name} (step {state.step})")
         if state.step == 0:
-            yield {"step": 0, **roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed)}
+            yield EvalRow(0, roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed))
         ahead = cfg.rollout.max_staleness if cfg.rollout.async_ else 0
         positions: deque[tuple[int, int]] = deque()  # data position after each step fed but not trained
         fed, bad_in_a_row = state.step, 0
@@ -249,7 +252,7 @@ def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Itera
             # step 3. the new weights to every rollout engine
             timer.call("sync", roles.sync, step)
             # step 4. KL controller and the step's metrics
-            metrics = {"step": step, **metrics, "kl/coef": kl_ctl.coef}
+            metrics = {**metrics, "kl/coef": kl_ctl.coef}
             bad = sorted(k.removeprefix("bad/") for k in metrics if k.startswith("bad/") and k != "bad/skipped")
             bad_in_a_row = bad_in_a_row + 1 if bad else 0
             if not bad:
@@ -261,7 +264,7 @@ def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Itera
             state = RLState(step, *position, kl_ctl.state_dict())
             if step % cfg.run.checkpoint_every == 0 or step == cfg.run.max_steps or (stop and stop()):
                 roles.save_checkpoint(ckpt_root, asdict(state), keep=cfg.checkpoint.keep)
-            yield metrics
+            yield StepRow(step, metrics)
             if bad_in_a_row >= cfg.run.max_bad_steps:
                 last = checkpoint.latest(ckpt_root)
                 raise RunFailure(
@@ -270,8 +273,8 @@ def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Itera
                     f"checkpoint: {last if last else 'none'}")
             if stop and stop():
                 return
-        yield {"step": cfg.run.max_steps, "final": True,
-               **roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed)}
+        yield EvalRow(cfg.run.max_steps, roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts),
+                                                       seed=cfg.run.seed), final=True)
         roles.save_policy(Path(ctx.stage_dir("rl")) / "policy")
     finally:
         prompt_stream.close()

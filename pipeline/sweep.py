@@ -34,9 +34,10 @@ from pipeline import checkpoint
 from pipeline.config import Config, SearchSpace, load_config, to_yaml, validate
 from pipeline.errors import ConfigError
 from pipeline.frontier import best_row, key_vs_kl, plot_frontier, result_row, table, write_csv
-from pipeline.metrics import MetricsLog, read_metrics, rl_summary, truncate_metrics
+from pipeline.recorder import Recorder, truncate
 from pipeline.run import Interrupted, new_run_dir, resume_run_dir, run_stages, start_ray, write_summary
 from pipeline.stages import Artifacts, StageContext
+from pipeline.types import EvalRow, LoopEvent, StepRow
 
 SHARED, TRIALS, TUNE = "shared", "trials", "tune"
 # Keys only the shared stages read (or that name the sweep itself): a trial cannot change them.
@@ -133,8 +134,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) -
     ctx = StageContext(cfg=cfg, run_dir=run_dir, artifacts=artifacts)
     try:
         with within_trial(ray.util.get_current_placement_group()):
-            for metrics in train_iter(cfg, ctx):
-                report.add(metrics)
+            for event in train_iter(cfg, ctx):
+                report.add(event)
     finally:
         report.close()
 
@@ -154,68 +155,56 @@ def restore_checkpoint(run_dir: Path, tune_checkpoint: Any) -> int | None:
             for rel in [*files, checkpoint.MANIFEST]:
                 (target / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(Path(d) / rel, target / rel)
-    truncate_metrics(run_dir, stage="rl", after_step=-1 if step is None else step)
+    truncate(run_dir, stage="rl", after_step=-1 if step is None else step)
     return step
 
 
 class TrialReport:
-    """Writes a trial's rows like `raylign run` does (metrics.jsonl, TensorBoard, progress line) and reports every
-    RL step to Tune with the final metrics so far; a step that wrote a checkpoint reports it too. The last step's
-    report waits for the held-out evaluation after it, so it carries the final gold reward."""
+    """Records a trial's loop as the `rl` stage does (the one Recorder: metrics.jsonl, TensorBoard, progress line,
+    summary.json) and reports every RL step to Tune with the final metrics so far; a step that wrote a checkpoint
+    reports it too. The last step's report waits for the held-out evaluation after it, so it carries the final
+    gold reward."""
 
     def __init__(self, run_dir: Path, cfg: Config):
         self.run_dir, self.max_steps = run_dir, cfg.run.max_steps
-        self.log = MetricsLog(run_dir, total_steps=cfg.run.max_steps, stage="rl")
+        self.recorder = Recorder(run_dir, stage="rl", total_steps=cfg.run.max_steps)
         self.ckpt_root = run_dir / "stages" / "rl" / "checkpoints"
-        self.held: dict[str, Any] | None = None
 
-    def add(self, metrics: dict[str, Any]) -> None:
-        if "restart" in metrics:  # the loop restarted its actors: the steps past this one run again
-            truncate_metrics(self.run_dir, stage="rl", after_step=metrics["step"])
-            return
-        self.log.write(metrics)
-        if metrics.get("final"):
-            # resumed from the last step's checkpoint, the loop yields the evaluation only
-            steps = [r for r in read_metrics(self.run_dir, stage="rl") if "eval/prompts" not in r]
-            self._report(self.held or (steps[-1] if steps else {}), final=metrics)
-        elif "eval/prompts" in metrics:  # the evaluation before step 1: in metrics.jsonl only
-            return
-        elif metrics["step"] == self.max_steps:
-            self.held = metrics
-        else:
-            self._report(metrics)
+    def add(self, event: LoopEvent) -> None:
+        self.recorder.add(event)
+        match event:
+            case EvalRow(final=True):
+                # the last step as recorded: resumed from its checkpoint, the loop yields the evaluation only
+                steps = [e for e in self.recorder.events() if isinstance(e, StepRow)]
+                self._report(steps[-1] if steps else None, final=event)
+            case StepRow(step=step) if step < self.max_steps:
+                self._report(event)
+            # the evaluation before step 1 is in metrics.jsonl only; after a Restart the recorder dropped the rows
+            # that come again
 
-    def _report(self, step: dict[str, Any], final: dict[str, Any] | None = None) -> None:
+    def _report(self, step: StepRow | None, final: EvalRow | None = None) -> None:
         from ray import tune
 
-        out = {k: v for k, v in step.items() if isinstance(v, int | float)}
-        out.update({"reward/final": step.get("reward/mean"), "kl/final": step.get("kl/ref")})
+        metrics = step.metrics if step is not None else {}
+        out: dict[str, Any] = {"step": step.step} if step is not None else {}
+        out.update({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        out.update({"reward/final": metrics.get("reward/mean"), "kl/final": metrics.get("kl/ref")})
         out["final"] = final is not None
-        if "gold_reward/mean" in step:
-            out["gold_reward/final"] = step["gold_reward/mean"]
+        if "gold_reward/mean" in metrics:
+            out["gold_reward/final"] = metrics["gold_reward/mean"]
         if final is not None:
-            out.update({k: v for k, v in final.items() if k.startswith("eval/")})
-            if "eval/gold_reward" in final:
-                out["gold_reward/final"] = final["eval/gold_reward"]
-            self._write_summary(out)
+            out.update(final.metrics)
+            if "eval/gold_reward" in final.metrics:
+                out["gold_reward/final"] = final.metrics["eval/gold_reward"]
+            write_summary(self.run_dir, self.recorder.summary())
         latest = checkpoint.latest(self.ckpt_root)
         if latest is not None and checkpoint.load_state(latest)["step"] == out.get("step"):
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(latest)))
         else:
             tune.report(out)
 
-    def _write_summary(self, final: dict[str, Any]) -> None:
-        rows = read_metrics(self.run_dir, stage="rl")
-        summary = rl_summary([r for r in rows if "eval/prompts" not in r], wall_s=0.0)
-        summary.pop("wall_s", None)
-        evals = [r for r in rows if "eval/gold_reward" in r]
-        if evals:
-            summary["gold_reward/initial"] = evals[0]["eval/gold_reward"]
-        summary.update({k: final[k] for k in ("reward/final", "gold_reward/final", "kl/final") if k in final})
-        write_summary(self.run_dir, summary)
-
     def close(self) -> None:
-        self.log.close()
+        self.recorder.close()
 
 
 # --- the driver ------------------------------------------------------------------------------------------------

@@ -79,6 +79,39 @@ class ExperienceItem:
     times: list[tuple[str, float, float]] = field(default_factory=list)
 
 
+# --- what the RL loop yields (pipeline.rl.train_iter); pipeline/recorder.py is the one place that records them ---
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """The metrics of one finished RL step (`loss/policy`, `reward/mean`, `timing/gen`, ...; no `step` key)."""
+
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """A held-out evaluation (`eval/reward`, `eval/prompts`, `eval/gold_reward` when the task has a gold reward)
+    with the weights of `step`: before step 1 (step 0), or `final` after the loop's last step."""
+
+    step: int
+    metrics: dict[str, float]
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Restart:
+    """The loop restarted every role from the checkpoint of `step` (0: none yet): the rows after it come again.
+    `count`: the restarts of this loop so far."""
+
+    step: int
+    count: int
+
+
+LoopEvent = StepRow | EvalRow | Restart
+
+
 def pad_right(rows: list[list[int | float]], pad: int | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Ragged rows -> (values [B, T], mask [B, T]) padded on the right; T = longest row (at least 1)."""
     width = max([len(r) for r in rows] + [1])

@@ -29,10 +29,12 @@ import ray
 
 from actors.offline import reward_loop
 from pipeline import checkpoint
-from pipeline.metrics import MetricsLog, plot_metrics, read_metrics, truncate_metrics
+from pipeline.metrics import plot_metrics
+from pipeline.recorder import Recorder, read_events
 from pipeline.rl import train_iter
 from pipeline.stages.context import Artifacts, StageContext
 from pipeline.stages.offline import fit, last_epoch, offline_job, policy_samples, quiet, task_info, train_dataset
+from pipeline.types import EvalRow, StepRow
 
 ROUND = "round.json"  # written when a round finished: {"policy", "reward", "evals", "discriminator"}
 
@@ -43,32 +45,30 @@ def run(ctx: StageContext) -> dict[str, Any]:
     reference, tokenizer = ctx.policy_dir(), ctx.tokenizer_dir()
     demos = train_dataset(ctx, "demos", tokenizer).take_all()
     policy, disc = reference, initial_discriminator(ctx)
-    log = MetricsLog(ctx.run_dir, total_steps=irl.rounds * irl.rl_steps, stage="irl")
     rounds: list[dict[str, Any]] = []
-    try:
-        for k in range(1, irl.rounds + 1):
-            round_dir = ctx.stage_dir("irl") / f"round-{k}"
-            if (round_dir / ROUND).exists():
-                done = json.loads((round_dir / ROUND).read_text())
-                ctx.log(f"irl: round {k}/{irl.rounds} finished before; skipped")
-            else:
-                # step 1. the current policy's responses to the demonstrations' prompts
-                samples = policy_samples(cfg.rollout, policy, [d["prompt"] for d in demos], 1, seed=cfg.run.seed + k)
-                # step 2. the discriminator: demonstrations above policy samples
-                disc, disc_metrics = update_discriminator(ctx, k, disc, demos, samples)
-                # step 3. RL steps against the current reward, from the current policy
-                policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, reference, log)
-                done = {"policy": policy_out, "reward": disc, "evals": evals, "discriminator": disc_metrics}
-                (round_dir / ROUND).write_text(json.dumps(done, indent=1) + "\n")
-            policy, disc = done["policy"], done["reward"]
-            rounds.append(done)
-            if ctx.stop():
+    for k in range(1, irl.rounds + 1):
+        round_dir = ctx.stage_dir("irl") / f"round-{k}"
+        if (round_dir / ROUND).exists():
+            done = json.loads((round_dir / ROUND).read_text())
+            ctx.log(f"irl: round {k}/{irl.rounds} finished before; skipped")
+        else:
+            # step 1. the current policy's responses to the demonstrations' prompts
+            samples = policy_samples(cfg.rollout, policy, [d["prompt"] for d in demos], 1, seed=cfg.run.seed + k)
+            # step 2. the discriminator: demonstrations above policy samples
+            disc, disc_metrics = update_discriminator(ctx, k, disc, demos, samples)
+            # step 3. RL steps against the current reward, from the current policy
+            policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, reference)
+            if evals is None:  # stopped mid-round: a resume continues from the round's last checkpoint
                 return {}
-    finally:
-        log.close()
+            done = {"policy": policy_out, "reward": disc, "evals": evals, "discriminator": disc_metrics}
+            (round_dir / ROUND).write_text(json.dumps(done, indent=1) + "\n")
+        policy, disc = done["policy"], done["reward"]
+        rounds.append(done)
+        if ctx.stop():
+            return {}
     ctx.record(initial_policy=str(reference), policy=policy, reward=[disc])
     summary = irl_summary(rounds)
-    plot_metrics([r for r in read_metrics(ctx.run_dir, stage="irl") if "eval/prompts" not in r], ctx.run_dir / "plots")
+    plot_metrics([e for e in read_events(ctx.run_dir, "irl") if isinstance(e, StepRow)], ctx.run_dir / "plots")
     summary["timing/irl"] = time.perf_counter() - start
     return summary
 
@@ -105,10 +105,11 @@ def update_discriminator(
 
 
 def rl_round(
-    ctx: StageContext, k: int, round_dir: Path, policy: str, disc: str, reference: Path, log: MetricsLog
-) -> tuple[str, list[dict[str, float]]]:
+    ctx: StageContext, k: int, round_dir: Path, policy: str, disc: str, reference: Path
+) -> tuple[str, list[dict[str, float]] | None]:
     """`irl.rl_steps` steps of `train_iter` from `policy` against the reward model `disc`, in its own context
-    (run dir = round_dir); -> (the new policy's dir, the held-out evaluation rows before and after)."""
+    (run dir = round_dir), recorded in metrics.jsonl as stage `irl` steps numbered across rounds; -> (the new
+    policy's dir, the held-out evaluations' metrics before and after; None when stopped before the last step)."""
     cfg, irl = ctx.cfg, ctx.cfg.irl
     round_cfg = cfg.model_copy(
         update={
@@ -119,16 +120,20 @@ def rl_round(
     artifacts = Artifacts(task_dir=ctx.artifacts.task_dir, gold_reward=ctx.artifacts.gold_reward, policy=policy,
                           reward=[disc])
     round_ctx = StageContext(cfg=round_cfg, run_dir=round_dir, artifacts=artifacts, log=ctx.log, stop=ctx.stop)
-    offset = (k - 1) * irl.rl_steps
-    # A round cut off mid-RL resumes from its last checkpoint; rows past it will be written again.
+    recorder = Recorder(ctx.run_dir, stage="irl", total_steps=irl.rounds * irl.rl_steps,
+                        offset=(k - 1) * irl.rl_steps, tags={"irl/round": k})
+    # A round cut off mid-RL resumes from its last checkpoint; what follows it comes again.
     resume = checkpoint.latest(round_ctx.stage_dir("rl") / "checkpoints")
-    done_steps = checkpoint.load_state(resume)["step"] if resume else 0
-    truncate_metrics(ctx.run_dir, stage="irl", after_step=offset + done_steps)
-    for metrics in train_iter(round_cfg, round_ctx, stop=ctx.stop):
-        log.write({**metrics, "step": metrics["step"] + offset, "irl/round": k})
+    recorder.truncate(checkpoint.load_state(resume)["step"] if resume else -1)
+    try:
+        for event in train_iter(round_cfg, round_ctx, stop=ctx.stop):
+            recorder.add(event)
+    finally:
+        recorder.close()
+    if not recorder.finished:
+        return str(round_ctx.stage_dir("rl") / "policy"), None
     # From the file, not the loop: a resumed round does not evaluate its start again.
-    rows = [r for r in read_metrics(ctx.run_dir, stage="irl") if r.get("irl/round") == k and "eval/prompts" in r]
-    evals = [{key: v for key, v in r.items() if key.startswith("eval/")} for r in rows]
+    evals = [dict(e.metrics) for e in recorder.events() if isinstance(e, EvalRow)]
     return str(round_ctx.stage_dir("rl") / "policy"), evals
 
 

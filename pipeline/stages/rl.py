@@ -1,5 +1,5 @@
-"""The `rl` stage: run `train_iter`, log every step (metrics.jsonl, TensorBoard, progress line), then write the
-summary entries, the plots, and the trained policy (recorded as the run's policy)."""
+"""The `rl` stage: run `train_iter` with the one Recorder (metrics.jsonl, TensorBoard, progress line), then write
+the summary entries, the plots, and the trained policy (recorded as the run's policy)."""
 
 from __future__ import annotations
 
@@ -8,44 +8,28 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint
-from pipeline.metrics import MetricsLog, plot_metrics, read_metrics, rl_summary, truncate_metrics
+from pipeline.metrics import plot_metrics
+from pipeline.recorder import Recorder
 from pipeline.rl import train_iter
 from pipeline.stages.context import StageContext
+from pipeline.types import StepRow
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     start = time.perf_counter()
     resume = checkpoint.latest(ctx.stage_dir("rl") / "checkpoints", log=ctx.log)  # names any it skips
-    # Rows past the checkpoint being resumed belong to steps that will run again.
-    truncate_metrics(ctx.run_dir, stage="rl", after_step=checkpoint.load_state(resume)["step"] if resume else -1)
-    log = MetricsLog(ctx.run_dir, total_steps=cfg.run.max_steps, stage="rl")
+    recorder = Recorder(ctx.run_dir, stage="rl", total_steps=cfg.run.max_steps)
+    recorder.truncate(checkpoint.load_state(resume)["step"] if resume else -1)  # what follows it comes again
     reference = str(ctx.policy_dir())
-    finished, restarts = False, 0
     try:
-        for metrics in train_iter(cfg, ctx, stop=ctx.stop):
-            if "restart" in metrics:  # the steps past this one run again, from the checkpoint
-                truncate_metrics(ctx.run_dir, stage="rl", after_step=metrics["step"])
-                restarts = metrics["restart"]
-                continue
-            log.write(metrics)
-            finished = bool(metrics.get("final"))
+        for event in train_iter(cfg, ctx, stop=ctx.stop):
+            recorder.add(event)
     finally:
-        log.close()
-    rows = read_metrics(ctx.run_dir, stage="rl")
-    steps = [r for r in rows if "eval/prompts" not in r]
-    summary = rl_summary(steps, wall_s=0.0)
-    summary.pop("wall_s", None)  # the run's wall time is the run's to record
-    evals = [r for r in rows if "eval/prompts" in r]
-    if evals and "eval/gold_reward" in evals[0]:
-        summary["gold_reward/initial"] = evals[0]["eval/gold_reward"]
-        if finished:
-            summary["gold_reward/final"] = evals[-1]["eval/gold_reward"]
-    summary["faults/learner_restarts"] = restarts
-    if steps:
-        summary["faults/restarts"] = max(r.get("faults/restarts", 0.0) for r in steps)
-    plot_metrics(steps, ctx.run_dir / "plots")
+        recorder.close()
+    summary = recorder.summary()
+    plot_metrics([e for e in recorder.events() if isinstance(e, StepRow)], ctx.run_dir / "plots")
     summary["timing/rl"] = time.perf_counter() - start
-    if finished:
+    if recorder.finished:
         ctx.record(initial_policy=reference, policy=str(Path(ctx.stage_dir("rl")) / "policy"))
     return summary

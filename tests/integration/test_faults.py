@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from pipeline import checkpoint
-from pipeline.metrics import read_metrics
+from pipeline.recorder import read_events
+from pipeline.types import StepRow
 from tests.conftest import REPO
 from tests.unit.test_bad_data import prefs, write_jsonl
 
@@ -82,7 +83,7 @@ def assert_all_gone(processes: list[psutil.Process], within_s: float = 60) -> No
 
 def steps_done(run_dir: Path) -> list[int]:
     try:
-        return [r["step"] for r in read_metrics(run_dir, "rl") if "eval/prompts" not in r]
+        return [e.step for e in read_events(run_dir, "rl") if isinstance(e, StepRow)]
     except json.JSONDecodeError:  # a line being appended right now
         return []
 

@@ -12,14 +12,20 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.metrics import read_metrics
+from pipeline.recorder import read_events
 from pipeline.run import run
+from pipeline.types import EvalRow, StepRow
 from tests.conftest import REPO
 from tests.integration.conftest import RAYLIGN, continue_run
 
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def steps_of(run_dir: Path) -> list[dict]:
+    """The RL steps recorded in metrics.jsonl, each as {"step": s, **metrics}."""
+    return [{"step": e.step, **e.metrics} for e in read_events(run_dir, "rl") if isinstance(e, StepRow)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def test_tiny_grpo_from_the_cli_raises_heldout_gold(grpo_cli_run):
     assert s["steps"] == 40
     assert s["gold_reward/final"] - s["gold_reward/initial"] >= 0.05, s
     assert s["mismatch/logprob_abs_max"] <= 1e-3  # the weights really are synced every step
-    steps = [r for r in read_metrics(run_dir, "rl") if "eval/prompts" not in r]
+    steps = steps_of(run_dir)
     assert [r["step"] for r in steps] == list(range(1, 41))
     for key in ("reward/mean", "reward/std", "gold_reward/mean", "kl/ref", "policy/entropy", "policy/clip_frac",
                 "response/length_mean", "mismatch/logprob_abs_max", "weight_version", "timing/gen", "timing/reward",
@@ -75,7 +81,7 @@ def test_a_reward_the_task_never_defined_is_optimized_by_two_engines_and_two_lea
         sft_run, tmp_path / "custom", ["reward.function=tests.integration.custom_reward:lo_share",
                                         "rollout.num_workers=2", "learner.num_workers=2", "run.max_steps=8"]),
         log=lambda _: None)
-    evals = [r for r in read_metrics(run_dir, "rl") if "eval/prompts" in r]
+    evals = [e.metrics for e in read_events(run_dir, "rl") if isinstance(e, EvalRow)]
     # the SFT policy uses "ka" and "lo" about equally often (reward ~0.5); measured 0.508 -> 0.880 in 8 steps
     assert evals[-1]["eval/reward"] - evals[0]["eval/reward"] >= 0.1, evals
     assert summary(run_dir)["mismatch/logprob_abs_max"] <= 1e-3
@@ -89,17 +95,16 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(sft_run, tmp_pa
     proc = subprocess.Popen([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not any(r["step"] >= 2 and "eval/prompts" not in r for r in read_metrics(cut, "rl")):
+    while not any(r["step"] >= 2 for r in steps_of(cut)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
-    stopped_at = max(r["step"] for r in read_metrics(cut, "rl"))
+    stopped_at = max(e.step for e in read_events(cut, "rl"))
     assert 2 <= stopped_at < 6
     run(load_config(None), resume=cut, log=lambda _: None)  # the CLI's --resume: the fault test below
-    a = [r for r in read_metrics(whole, "rl") if "eval/prompts" not in r]
-    b = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
+    a, b = steps_of(whole), steps_of(cut)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for key in ("reward/mean", "kl/ref", "loss/policy", "policy/grad_norm", "tokens"):
         assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-5, abs=1e-7), key
@@ -110,7 +115,7 @@ def test_rloo_in_async_mode_samples_one_update_behind_and_learns(sft_run, tmp_pa
     run_dir = run(load_config(None), resume=continue_with_rl(
         sft_run, tmp_path / "async", ["algo.name=rloo", "rollout.async=true", "rollout.max_staleness=1",
                                        "algo.tis_cap=2.0", "run.max_steps=12"]), log=lambda _: None)
-    steps = [r for r in read_metrics(run_dir, "rl") if "eval/prompts" not in r]
+    steps = steps_of(run_dir)
     # step k's samples were launched before step k-1's update was synced: weights of step k-2
     assert [r["weight_version"] for r in steps] == [0, 0] + list(range(1, 11))
     s = summary(run_dir)
@@ -146,11 +151,11 @@ def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tm
     plan = [(0, ["RolloutWorker", "RewardWorker"]), (2, ["PolicyLearner"]), (2, ["PolicyLearner"])]
     deadline = time.monotonic() + 900
     while plan and proc.poll() is None and time.monotonic() < deadline:
-        rows = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
+        rows = steps_of(cut)
         if rows and rows[-1]["faults/restarts"] >= plan[0][0]:  # the workers killed so far are back
             for role in plan.pop(0)[1]:
                 kill_role(proc, role)
-            while len([r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]) == len(rows):
+            while len(steps_of(cut)) == len(rows):
                 if proc.poll() is not None:  # expected only after the last kill
                     break
                 time.sleep(0.5)  # wait for the next step
@@ -161,7 +166,7 @@ def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tm
     resumed = subprocess.run([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    steps = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
+    steps = steps_of(cut)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # each step once: nothing lost or counted twice
     assert all(r["samples"] == 32 * 8 for r in steps)
     # the rollout and the reward worker came back, counted across the run's own restart from a checkpoint
@@ -179,6 +184,6 @@ def test_non_finite_rewards_skip_updates_then_stop_the_run(sft_run, tmp_path):
                                                         "run.eval_prompts=8"])
     with pytest.raises(RunFailure, match=r"rl step 2: non-finite reward for 2 steps in a row"):
         run(load_config(None), resume=cut, log=lambda _: None)
-    steps = [r for r in read_metrics(cut, "rl") if "eval/prompts" not in r]
+    steps = steps_of(cut)
     assert [(r["step"], r["bad/skipped"], r["bad/reward"]) for r in steps] == [(1, 1.0, 1.0), (2, 1.0, 1.0)]
     assert not any("loss/policy" in r for r in steps)  # no update was made

@@ -18,10 +18,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import load_config
-from pipeline.metrics import read_metrics
+from pipeline.recorder import read_events
 from pipeline.run import new_run_dir, run
 from pipeline.stages import Artifacts, StageContext
 from pipeline.tasks.language import gold_reward, sample_prompt, sample_response
+from pipeline.types import StepRow
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ def test_reward_model_reaches_ninety_percent_of_bayes_optimal(pipeline_run):
 
 def test_the_rl_stage_of_make_run_reports_gold_and_the_overoptimization_plot(pipeline_run):
     run_dir, summary, lines = pipeline_run
-    steps = [r for r in read_metrics(run_dir, stage="rl") if "eval/prompts" not in r]
+    steps = [e for e in read_events(run_dir, "rl") if isinstance(e, StepRow)]
     assert len(steps) == summary["steps"] == 20
     assert all(k in summary for k in ("gold_reward/initial", "gold_reward/final", "rm/heldout_accuracy"))
     assert (run_dir / "plots/overoptimization.png").stat().st_size > 5000
