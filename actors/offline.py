@@ -39,6 +39,7 @@ from pipeline.types import pad_left, pad_right
 Tensor = torch.Tensor
 
 STATE = "offline_state.json"  # in each checkpoint: {"member": k, "epochs_done": e}
+PROGRESS_S = 20.0  # rank 0 reports the updates done within an epoch at least this often
 SHUFFLE_ROWS = 4096  # local shuffle buffer: the whole of a tiny dataset, a window of a large one
 # A pair loss is a mean over pairs: "seq-mean-token-mean" makes accumulate_update weigh micro-batches by rows.
 PAIR_AGG = "seq-mean-token-mean"
@@ -63,7 +64,8 @@ class OfflineJob:
     out_dir: str  # the exported HF dir; for the reward stage the parent of member-k dirs
     batch_size: int  # rows (demos or pairs) per optimizer update, over all workers
     seed: int
-    progress: Any = None  # ray.util.queue.Queue of per-epoch records, read by the driver
+    progress: Any = None  # ray.util.queue.Queue of per-epoch records (and progress within one), read by the driver
+    updates_per_epoch: tuple[int, ...] = ()  # per member's dataset: optimizer updates in one epoch (for the ETA)
     members: int = 1  # reward: ensemble members, trained one after the other
     datasets: tuple[str, ...] = ("train",)  # dataset name per member (bootstrap: one resample each)
     reference_dir: str | None = None  # dpo: the frozen reference policy
@@ -274,8 +276,10 @@ def train_member(
     micro = job.learner.micro_batch_size
     micro_rows = 2 * max(1, micro // 2) if pairs else micro  # an even number of rows keeps pairs together
     loss = loss_fn(engine)
+    total = job.updates_per_epoch[member] if member < len(job.updates_per_epoch) else None
     for epoch in range(first_epoch, job.learner.epochs):
         start, metrics, rows = time.perf_counter(), [], 0
+        reported = start
         for batch in epoch_batches(shard, job.batch_size // world, seed=seed * 1000 + epoch):
             batch = to_device(collate(batch), engine.device)
             m = accumulate_update(engine, batch, micro_batch_size=micro_rows, agg=agg, world_size=world, loss_fn=loss)
@@ -283,6 +287,12 @@ def train_member(
                 raise FloatingPointError(f"{job.stage}: epoch {epoch + 1}: non-finite {', '.join(m)}; no update made")
             metrics.append(m)
             rows += len(batch) // (2 if pairs else 1)
+            now = time.perf_counter()
+            if rank == 0 and job.progress is not None and now - reported >= PROGRESS_S:
+                reported = now
+                job.progress.put({"kind": "progress", "stage": job.stage, "member": member, "epoch": epoch + 1,
+                                  "epochs": job.learner.epochs, "updates": len(metrics), "of": total,
+                                  "seconds": now - start, **mean_metrics(metrics[-10:])})
         record = {
             **mean_metrics(metrics),
             "member": member,

@@ -112,9 +112,13 @@ def route_worker_output(log_dir: Path) -> Path | None:
     -> that file, None if verbose."""
     if verbose():
         return None
-    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    import ray._private.worker as ray_worker
 
     handler = WorkerLog(log_dir / "workers.log")
-    dispatcher.remove_handler("ray_print_logs")  # Ray's printer to this process's stdout/stderr
-    dispatcher.add_handler("raylign_worker_log", handler)
+    ray_worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")  # Ray's printer to stdout
+    ray_worker.global_worker_stdstream_dispatcher.add_handler("raylign_worker_log", handler)
+    # The cluster's own notes (raylet warnings such as "N PYTHON worker processes have been started") come through
+    # Ray's error listener, which prints with this module function; an actor's death still reaches the run as an
+    # exception, which raylign reports in one line.
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: handler(data)
     return handler.path

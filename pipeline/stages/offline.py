@@ -101,9 +101,11 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
     records: list[dict[str, Any]] = []
     done = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(queue, records, done, ctx.log, stage_dir), daemon=True)
+    per_epoch = tuple(updates_per_epoch(datasets[name].count(), job.batch_size, ctx.cfg.learner.num_workers)
+                      for name in job.datasets)
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"job": replace(job, progress=queue)},
+        train_loop_config={"job": replace(job, progress=queue, updates_per_epoch=per_epoch)},
         scaling_config=ScalingConfig(num_workers=ctx.cfg.learner.num_workers, use_gpu=resolve_device(ctx.cfg) == "gpu"),
         run_config=RunConfig(
             name="train",
@@ -134,10 +136,40 @@ def _print_progress(queue, records: list, done: threading.Event, log: Callable[[
                 if done.is_set() and queue.empty():
                     return
                 continue
+            if record.get("kind") == "progress":
+                log(describe_progress(record))
+                continue
             records.append(record)
             f.write(json.dumps(record) + "\n")
             f.flush()
             log(describe(record))
+
+
+def updates_per_epoch(rows: int, batch_size: int, workers: int) -> int:
+    """Optimizer updates in one epoch: Ray Train gives each of `workers` ranks rows // workers rows (equal shards),
+    which each rank takes in batches of batch_size // workers, the last one partial."""
+    per_rank = max(1, batch_size // workers)
+    return -(-(rows // workers) // per_rank)
+
+
+def describe_progress(record: dict[str, Any]) -> str:
+    """One line within an epoch: `reward: member 0 epoch 1/1 update 120/2560 (5%) eta 17m 30s 2.32 updates/s
+    loss/bt 0.6512`."""
+    member = f" member {record['member']}" if record["stage"] == "reward" else ""
+    done, total, seconds = record["updates"], record["of"], record["seconds"]
+    rate = done / seconds if seconds > 0 else 0.0
+    where = f"update {done}"
+    if total:
+        eta = (total - done) / rate if rate > 0 else 0.0
+        where = f"update {done}/{total} ({100 * done / total:.0f}%) eta {format_seconds(eta)}"
+    losses = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+    epoch = f"epoch {record['epoch']}/{record['epochs']}"
+    return f"{record['stage']}:{member} {epoch} {where} {rate:.2f} updates/s {losses}".rstrip()
+
+
+def format_seconds(s: float) -> str:
+    minutes, seconds = divmod(int(round(s)), 60)
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def describe(record: dict[str, Any]) -> str:

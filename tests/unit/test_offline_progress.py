@@ -1,0 +1,32 @@
+"""Progress within an epoch of the offline stages: the update count per epoch and the line a user sees."""
+
+from pipeline.stages.offline import describe_progress, format_seconds, updates_per_epoch
+
+
+def test_updates_per_epoch_count_the_last_partial_batch_of_each_equal_shard():
+    # 1,024 demos, batches of 32 on one rank: 32 updates; on 2 ranks each takes 512 rows in batches of 16: 32
+    assert updates_per_epoch(1024, 32, 1) == 32
+    assert updates_per_epoch(1024, 32, 2) == 32
+    # 1,000 rows, batches of 64: 15 full + 1 partial; 2 ranks: 500 rows each in batches of 32: 15 + 1
+    assert updates_per_epoch(1000, 64, 1) == 16
+    assert updates_per_epoch(1000, 64, 2) == 16
+    assert updates_per_epoch(5, 64, 1) == 1
+
+
+def test_a_progress_line_gives_done_total_rate_and_eta():
+    record = {"kind": "progress", "stage": "reward", "member": 0, "epoch": 1, "epochs": 2, "updates": 120,
+              "of": 2560, "seconds": 60.0, "loss/bt": 0.65123, "grad_norm": 1.0}
+    # 120 updates in 60 s: 2 per second; 2,440 left: 1,220 s = 20 min 20 s
+    assert describe_progress(record) == (
+        "reward: member 0 epoch 1/2 update 120/2560 (5%) eta 20m 20s 2.00 updates/s loss/bt 0.6512")
+
+
+def test_a_progress_line_without_a_total_gives_the_count_and_rate():
+    record = {"kind": "progress", "stage": "sft", "member": 0, "epoch": 1, "epochs": 1, "updates": 10, "of": None,
+              "seconds": 4.0}
+    assert describe_progress(record) == "sft: epoch 1/1 update 10 2.50 updates/s"
+
+
+def test_seconds_read_as_minutes_and_seconds():
+    assert format_seconds(59.4) == "59s"
+    assert format_seconds(61) == "1m 01s"
