@@ -279,7 +279,7 @@ def train_member(
     total = job.updates_per_epoch[member] if member < len(job.updates_per_epoch) else None
     for epoch in range(first_epoch, job.learner.epochs):
         start, metrics, rows = time.perf_counter(), [], 0
-        reported = start
+        reported, reported_updates = start, 0
         for batch in epoch_batches(shard, job.batch_size // world, seed=seed * 1000 + epoch):
             batch = to_device(collate(batch), engine.device)
             m = accumulate_update(engine, batch, micro_batch_size=micro_rows, agg=agg, world_size=world, loss_fn=loss)
@@ -289,10 +289,12 @@ def train_member(
             rows += len(batch) // (2 if pairs else 1)
             now = time.perf_counter()
             if rank == 0 and job.progress is not None and now - reported >= PROGRESS_S:
-                reported = now
+                # the rate of the last interval: the first update also pays the engine's and the shard's start
+                rate = (len(metrics) - reported_updates) / (now - reported)
+                reported, reported_updates = now, len(metrics)
                 job.progress.put({"kind": "progress", "stage": job.stage, "member": member, "epoch": epoch + 1,
                                   "epochs": job.learner.epochs, "updates": len(metrics), "of": total,
-                                  "seconds": now - start, **mean_metrics(metrics[-10:])})
+                                  "rate": rate, **mean_metrics(metrics[-10:])})
         record = {
             **mean_metrics(metrics),
             "member": member,

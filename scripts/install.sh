@@ -9,8 +9,23 @@ VENV=.venv
 stamp="$VENV/.raylign-install"
 want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
 
+# DeepSpeed JIT-builds its shared-memory comm op (CPU) the first time a process group starts (~90 s); build it
+# here, once per machine (torch's extension cache), instead of inside the first run.
+prebuild_deepspeed_ops() {
+    # torch puts extensions in $TORCH_EXTENSIONS_DIR/NAME when that is set, else in ~/.cache/torch_extensions/pyXY_cpu/NAME
+    local cache=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+    if compgen -G "$cache/deepspeed_shm_comm/deepspeed_shm_comm.so" >/dev/null \
+        || compgen -G "$cache/*/deepspeed_shm_comm/deepspeed_shm_comm.so" >/dev/null; then
+        return
+    fi
+    echo "install: building DeepSpeed's shared-memory comm op into $cache (once per machine)"
+    "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator as a; \
+b = a().create_op_builder('ShareMemCommBuilder'); b is None or b.load(verbose=False)"
+}
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/raylign" ]; then
     echo "install: .venv is up to date"
+    prebuild_deepspeed_ops
     exit 0
 fi
 
@@ -31,4 +46,5 @@ else
 fi
 
 "$VENV/bin/python" -c "import torch, transformers, vllm, deepspeed, ray; print('install: ok: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
+prebuild_deepspeed_ops
 echo "$want" > "$stamp"

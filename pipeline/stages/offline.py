@@ -156,8 +156,7 @@ def describe_progress(record: dict[str, Any]) -> str:
     """One line within an epoch: `reward: member 0 epoch 1/1 update 120/2560 (5%) eta 17m 30s 2.32 updates/s
     loss/bt 0.6512`."""
     member = f" member {record['member']}" if record["stage"] == "reward" else ""
-    done, total, seconds = record["updates"], record["of"], record["seconds"]
-    rate = done / seconds if seconds > 0 else 0.0
+    done, total, rate = record["updates"], record["of"], record["rate"]
     where = f"update {done}"
     if total:
         eta = (total - done) / rate if rate > 0 else 0.0
