@@ -13,11 +13,16 @@ from pipeline.algo.advantages import (
     rloo_advantages,
 )
 from pipeline.algo.evaluation import (
+    GAO_FORMS,
     Calibration,
+    GaoFit,
     best_of_n,
     best_of_n_kl,
     bootstrap_ci,
     calibration_bins,
+    gao_curve,
+    gao_fit,
+    pair_accuracy,
     preference_probabilities,
     quantile_bins,
     win_outcomes,
@@ -35,7 +40,7 @@ from pipeline.algo.kl import (
     shaped_token_rewards,
 )
 from pipeline.algo.logprobs import entropy_from_logits, token_logprobs
-from pipeline.algo.losses import entropy_bonus, ppo_policy_loss, truncated_is_weights, value_loss
+from pipeline.algo.losses import entropy_bonus, ppo_policy_loss, sft_loss, truncated_is_weights, value_loss
 from pipeline.algo.masking import (
     LOSS_AGGREGATIONS,
     aggregate_loss,
@@ -45,23 +50,28 @@ from pipeline.algo.masking import (
     masked_var,
     masked_whiten,
 )
-from pipeline.algo.preference import DPO_LOSSES, dpo_loss, dpo_sigmoid, ipo
+from pipeline.algo.preference import DPO_LOSSES, SEQUENCE_LOGPROBS, dpo_loss, dpo_sigmoid, ipo, pair_logprobs
 from pipeline.algo.reward import bt_loss, demo_discriminator_loss, ensemble_mean_std, uncertainty_penalized
 
 __all__ = [
     "ADVANTAGES",
     "DPO_LOSSES",
+    "GAO_FORMS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "SEQUENCE_LOGPROBS",
     "AdaptiveKLController",
     "Calibration",
     "FixedKLController",
+    "GaoFit",
     "aggregate_loss",
     "best_of_n",
     "best_of_n_kl",
     "bootstrap_ci",
     "bt_loss",
     "calibration_bins",
+    "gao_curve",
+    "gao_fit",
     "demo_discriminator_loss",
     "discounted_returns",
     "dpo_loss",
@@ -84,11 +94,14 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pair_accuracy",
+    "pair_logprobs",
     "ppo_policy_loss",
     "preference_probabilities",
     "quantile_bins",
     "reinforce_pp_advantages",
     "rloo_advantages",
+    "sft_loss",
     "shaped_token_rewards",
     "token_logprobs",
     "truncated_is_weights",

@@ -20,6 +20,15 @@ def win_outcomes(a: Tensor, b: Tensor) -> Tensor:
     return (a > b).float() + 0.5 * (a == b).float()
 
 
+def pair_accuracy(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """Share of pairs whose chosen response scores higher, ties counted half: the mean of `win_outcomes`.
+
+    chosen, rejected: [B] scores of each pair's two responses (a margin against zeros gives the share of positive
+    margins). -> [] in chosen's dtype, so float64 scores give the exact fraction.
+    """
+    return win_outcomes(chosen, rejected).to(chosen.dtype).mean()
+
+
 def bootstrap_ci(values: Tensor, *, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float, float]:
     """Mean of `values` and a percentile bootstrap interval (Efron & Tibshirani 1993, ch. 13) at `level`.
 
@@ -125,3 +134,52 @@ def quantile_bins(x: Tensor, y: Tensor, num_bins: int) -> tuple[Tensor, Tensor, 
     xs = torch.stack([x.double()[p].mean() for p in parts])
     ys = torch.stack([y.double()[p].mean() for p in parts])
     return xs, ys, torch.tensor([len(p) for p in parts])
+
+
+@dataclass(frozen=True)
+class GaoFit:
+    """R(d) = d (alpha - beta f(d)) fitted to gold-reward gains, with its coefficient of determination."""
+
+    form: str
+    alpha: float
+    beta: float
+    r2: float
+
+
+def _bon_shape(d: Tensor) -> Tensor:
+    return d
+
+
+def _rl_shape(d: Tensor) -> Tensor:
+    # log d diverges at 0, d log d does not: the product, not the factor, is used below
+    return torch.where(d > 0, torch.log(torch.where(d > 0, d, 1.0)), 0.0)
+
+
+# Gao, Schulman & Hilton 2022 (arXiv 2210.10760), eq. 1-2: gold reward gain against d = sqrt(KL) from the initial
+# policy is d (alpha - beta d) for best-of-N and d (alpha - beta log d) for RL.
+GAO_FORMS = {"best_of_n": _bon_shape, "rl": _rl_shape}
+
+
+def gao_fit(d: Tensor, gain: Tensor, form: str) -> GaoFit:
+    """Least-squares alpha, beta of `gain ~ d (alpha - beta f(d))`, with no intercept (R(0) = 0).
+
+    d: [N] sqrt(KL) of each point (best-of-N: per N; RL: per step); gain: [N] gold reward minus the initial
+    policy's. Linear in (alpha, beta): columns [d, -d f(d)]. r2 = 1 - SS_res / SS_tot around the mean gain."""
+    if form not in GAO_FORMS:
+        raise ValueError(f"gao_fit form {form!r}: expected one of {sorted(GAO_FORMS)}")
+    d, gain = d.double().flatten(), gain.double().flatten()
+    if d.shape != gain.shape or len(d) < 2:
+        raise ValueError(f"gao_fit needs two or more (d, gain) points of one shape, got {tuple(d.shape)}, "
+                         f"{tuple(gain.shape)}")
+    x = torch.stack([d, -d * GAO_FORMS[form](d)], dim=1)  # [N, 2]
+    coef = torch.linalg.lstsq(x, gain[:, None]).solution[:, 0]
+    residual = gain - x @ coef
+    total = ((gain - gain.mean()) ** 2).sum()
+    r2 = 1.0 - (residual**2).sum().item() / total.item() if total > 0 else float("nan")
+    return GaoFit(form, coef[0].item(), coef[1].item(), r2)
+
+
+def gao_curve(fit: GaoFit, d: Tensor) -> Tensor:
+    """The fitted gain at each d: [N]."""
+    d = d.double()
+    return d * (fit.alpha - fit.beta * GAO_FORMS[fit.form](d))
