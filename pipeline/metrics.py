@@ -142,6 +142,37 @@ def plot_best_of_n(report: dict[str, Any], path: Path) -> list[Path]:
     return [path]
 
 
+def plot_gao(fits: dict[str, Any], path: Path) -> list[Path]:
+    """eval_gao.png: gold-reward gain against d = sqrt(KL), the points with Gao et al.'s fitted curves (best-of-N:
+    d (a - b d); RL steps: d (a - b log d)). Nothing is drawn without a fit."""
+    if not fits:
+        return []
+    import torch
+
+    from pipeline.algo import GaoFit, gao_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.2), dpi=110)
+    labels = {"best_of_n": "best-of-N", "rl": "RL steps (training samples)"}
+    for i, (form, fit) in enumerate(fits.items()):
+        d = torch.tensor(fit["d"], dtype=torch.float64)
+        grid = torch.linspace(0.0, float(d.max()) * 1.05, 100, dtype=torch.float64)
+        curve = gao_curve(GaoFit(form, fit["alpha"], fit["beta"], fit["r2"]), grid)
+        ax.scatter(fit["d"], fit["gain"], s=14, color=f"C{i}", label=f"{labels.get(form, form)}")
+        ax.plot(grid.tolist(), curve.tolist(), color=f"C{i}",
+                label=f"fit: a={fit['alpha']:.3f} b={fit['beta']:.3f} R2={fit['r2']:.2f}")
+    ax.set_xlabel("d = sqrt(KL to the reference)")
+    ax.set_ylabel("gold reward gain")
+    ax.set_title("Gao et al. 2022 fits")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
 def plot_calibration(cal: dict[str, Any], path: Path) -> list[Path]:
     """eval_calibration.png: reliability diagram of the reward model's Bradley-Terry probability on held-out
     pairs (left; point area ~ pairs in the bin), and for an ensemble the error rate against member disagreement

@@ -36,6 +36,7 @@ from pipeline.algo import (
     bootstrap_ci,
     calibration_bins,
     ensemble_mean_std,
+    gao_fit,
     masked_kl,
     preference_probabilities,
     quantile_bins,
@@ -44,7 +45,7 @@ from pipeline.algo import (
 from pipeline.config import Config
 from pipeline.data import RowCheck, read_dataset
 from pipeline.errors import ConfigError, DataError
-from pipeline.metrics import plot_best_of_n, plot_calibration
+from pipeline.metrics import plot_best_of_n, plot_calibration, plot_gao
 from pipeline.stages.context import StageContext
 from pipeline.stages.offline import quiet, remote, unique
 from pipeline.stream import CHUNK_SEED_STRIDE
@@ -84,6 +85,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                               "bootstrap_resamples": ev.bootstrap_resamples}
     report.update(compare(policy_samples, reference_samples, cfg))
     report["best_of_n"] = best_of_n_curve(reference_samples, cfg)
+    report["gao"] = gao_fits(report["best_of_n"], rl_gold_points(ctx))
     mark = time.perf_counter()
     report["calibration"] = calibration(ctx)
     timing["calibration"] = time.perf_counter() - mark
@@ -92,9 +94,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     plots = ctx.run_dir / "plots"
     written = plot_best_of_n(report, plots / "eval_best_of_n.png")
     written += plot_calibration(report["calibration"], plots / "eval_calibration.png")
+    written += plot_gao(report["gao"], plots / "eval_gao.png")
     summary = headline(report)
     for line in describe(summary):
         ctx.log(line)
+    for form, fit in report["gao"].items():
+        ctx.log(f"eval: Gao fit ({form}): gold gain = d (alpha - beta f(d)), alpha {fit['alpha']:.4f} "
+                f"beta {fit['beta']:.4f} R^2 {fit['r2']:.3f} over {len(fit['d'])} points")
     ctx.log(f"eval: wrote {ctx.run_dir / EVAL_JSON} and {', '.join(p.name for p in written) or 'no plots'} "
             f"({', '.join(f'{k} {v:.1f} s' for k, v in timing.items())})")
     summary["timing/eval"] = time.perf_counter() - start
@@ -262,6 +268,39 @@ def best_of_n_curve(reference: Samples, cfg: Config) -> list[dict[str, Any]]:
         rows.append(row)
         n *= 2
     return rows
+
+
+def rl_gold_points(ctx: StageContext) -> list[tuple[float, float]]:
+    """(KL to the reference, mean gold reward) of every step of this run's RL stage, from metrics.jsonl; [] when
+    the run had no RL stage or the task no gold reward."""
+    from pipeline.recorder import read_events
+    from pipeline.types import StepRow
+
+    if not (ctx.run_dir / "metrics.jsonl").exists():
+        return []
+    steps = [e.metrics for e in read_events(ctx.run_dir, "rl") if isinstance(e, StepRow)]
+    return [(m["kl/ref"], m["gold_reward/mean"]) for m in steps if "gold_reward/mean" in m and "kl/ref" in m]
+
+
+def gao_fits(curve: list[dict[str, Any]], rl_points: list[tuple[float, float]]) -> dict[str, Any]:
+    """Gao et al. 2022's forms fitted to the gold-reward gain against d = sqrt(KL): best-of-N's curve (gain over
+    N = 1) and the RL steps' training samples (gain over the first step). Each fit needs three points or more.
+    -> {"best_of_n": {alpha, beta, r2, d, gain}, "rl": {...}}, the forms that could be fitted."""
+    points = {}
+    if curve and "gold" in curve[0]:
+        base = curve[0]["gold"]["mean"]
+        points["best_of_n"] = [(row["kl"], row["gold"]["mean"] - base) for row in curve]
+    if rl_points:
+        points["rl"] = [(kl, gold - rl_points[0][1]) for kl, gold in rl_points]
+    out = {}
+    for form, pts in points.items():
+        if len(pts) < 3:
+            continue
+        d = torch.tensor([max(kl, 0.0) ** 0.5 for kl, _ in pts])
+        gain = torch.tensor([g for _, g in pts])
+        fit = gao_fit(d, gain, form)
+        out[form] = {"alpha": fit.alpha, "beta": fit.beta, "r2": fit.r2, "d": d.tolist(), "gain": gain.tolist()}
+    return out
 
 
 def calibration(ctx: StageContext) -> dict[str, Any]:

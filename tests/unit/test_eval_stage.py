@@ -132,3 +132,20 @@ def test_plots_are_written_with_one_panel_per_distinct_reward(tmp_path):
     assert cal.stat().st_size > 10_000
     assert plot_best_of_n({**report, "best_of_n": []}, tmp_path / "none.png") == []
     assert plot_calibration({}, tmp_path / "none.png") == [] and not (tmp_path / "none.png").exists()
+
+
+def test_gao_fits_take_gains_over_n_1_and_the_first_rl_step_and_are_drawn(tmp_path):
+    from pipeline.metrics import plot_gao
+
+    # best-of-N: KL 0, 1, 4 (d = 0, 1, 2), gold 0.5, 1.5, 1.5 -> gains 0, 1, 1 = d (1.5 - 0.5 d) exactly
+    curve = [{"n": n, "kl": kl, "gold": {"mean": g}} for n, kl, g in ((1, 0.0, 0.5), (2, 1.0, 1.5), (4, 4.0, 1.5))]
+    # RL steps: KL 0, 1, e^2 (d = 0, 1, e), gold 0.2 + d (0.4 - 0.2 log d): 0.2, 0.6, 0.2 + 0.2 e
+    e = torch.e
+    rl = [(0.0, 0.2), (1.0, 0.6), (float(e**2), 0.2 + 0.2 * float(e))]
+    fits = eval_stage.gao_fits(curve, rl)
+    assert fits["best_of_n"]["alpha"] == pytest.approx(1.5) and fits["best_of_n"]["beta"] == pytest.approx(0.5)
+    assert fits["rl"]["alpha"] == pytest.approx(0.4) and fits["rl"]["beta"] == pytest.approx(0.2)
+    assert fits["rl"]["r2"] == pytest.approx(1.0) and fits["rl"]["gain"][0] == 0.0
+    assert eval_stage.gao_fits(curve[:2], []) == {}  # two points do not make a fit
+    (png,) = plot_gao(fits, tmp_path / "eval_gao.png")
+    assert matplotlib.image.imread(png).shape[0] > 100
