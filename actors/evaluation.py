@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.offline import pair_logprobs, pair_sequence_batch
+from actors.offline import pair_sequence_batch
 from actors.reference import load_frozen_model
-from actors.reward import ModelScorer, import_reward_function
+from actors.reward import ModelScorer, gold_scores
 from actors.rollout import RolloutWorker
 from actors.sequences import response_logprobs
-from pipeline.algo import ensemble_mean_std
+from pipeline.algo import ensemble_mean_std, pair_accuracy, pair_logprobs
 from pipeline.config import RolloutConfig
 from pipeline.types import PromptBatch
 
@@ -31,12 +31,7 @@ def sample_gold(
     worker = RolloutWorker(cfg, Path(model_dir), seed=seed)
     worker.setup()
     rollouts = worker.generate(PromptBatch(prompts, samples_per_prompt, seed=seed))
-    return [float(x) for x in import_reward_function(gold)(rollouts.prompts, rollouts.responses)]
-
-
-def pair_accuracy(chosen: Tensor, rejected: Tensor) -> float:
-    """Share of pairs whose chosen response scores higher, ties counted half. chosen, rejected: [B]."""
-    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+    return gold_scores(gold, rollouts.prompts, rollouts.responses)
 
 
 def preference_accuracy(
@@ -45,8 +40,8 @@ def preference_accuracy(
     """Held-out accuracy of each of K reward models and of their ensemble mean (the reward RL optimizes)."""
     scorer = ModelScorer([Path(d) for d in model_dirs], micro_batch_size)
     chosen_scores, rejected_scores = scorer.score(prompts, chosen), scorer.score(prompts, rejected)  # [K, B]
-    members = [pair_accuracy(c, r) for c, r in zip(chosen_scores, rejected_scores, strict=True)]
-    ensemble = pair_accuracy(ensemble_mean_std(chosen_scores)[0], ensemble_mean_std(rejected_scores)[0])
+    members = [pair_accuracy(c, r).item() for c, r in zip(chosen_scores, rejected_scores, strict=True)]
+    ensemble = pair_accuracy(ensemble_mean_std(chosen_scores)[0], ensemble_mean_std(rejected_scores)[0]).item()
     return {"member_mean": sum(members) / len(members), "ensemble": ensemble}
 
 
@@ -79,4 +74,4 @@ def implicit_reward_accuracy(
                 parts.append(sign * (c - r))
         margins.append(torch.cat(parts))
     margin = margins[0] + margins[1]
-    return pair_accuracy(margin, torch.zeros_like(margin))
+    return pair_accuracy(margin, torch.zeros_like(margin)).item()

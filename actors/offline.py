@@ -32,7 +32,7 @@ from actors.reference import load_frozen_model
 from actors.reward import reward_model_inputs, reward_model_scores
 from actors.rollout import pad_token_id
 from actors.sequences import response_logprobs
-from pipeline.algo import aggregate_loss, bt_loss, demo_discriminator_loss, dpo_loss, masked_mean, masked_sum
+from pipeline.algo import bt_loss, demo_discriminator_loss, dpo_loss, pair_logprobs, sft_loss
 from pipeline.config import DpoConfig, LearnerConfig
 from pipeline.types import pad_left, pad_right
 
@@ -43,8 +43,6 @@ PROGRESS_S = 20.0  # rank 0 reports the updates done within an epoch at least th
 SHUFFLE_ROWS = 4096  # local shuffle buffer: the whole of a tiny dataset, a window of a large one
 # A pair loss is a mean over pairs: "seq-mean-token-mean" makes accumulate_update weigh micro-batches by rows.
 PAIR_AGG = "seq-mean-token-mean"
-# Sequence logprob of a response under each DPO loss: summed (DPO), or averaged over tokens (IPO, as in the paper).
-SEQUENCE_LOGPROBS: dict[str, Callable[..., Tensor]] = {"sigmoid": masked_sum, "ipo": masked_mean}
 # Reward-model losses of (first, second) scores [B] each: Bradley-Terry on (chosen, rejected) preferences, or the
 # discriminator on (demonstration, policy sample) pairs of one prompt (equal counts, so its class means are pair means).
 PAIR_LOSSES: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]] = {
@@ -128,21 +126,6 @@ def pair_sequence_batch(tokenizer, prompts: list[str], chosen: list[str], reject
 def score_batch(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str]) -> ScoreBatch:
     enc = reward_model_inputs(tokenizer, interleave(prompts, prompts), interleave(chosen, rejected))
     return ScoreBatch(enc["input_ids"], enc["attention_mask"])
-
-
-# ---- losses (pure) ----
-
-
-def sft_loss(logprobs: Tensor, response_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """Mean negative log-likelihood per response token. logprobs, response_mask: [B, T]."""
-    loss = aggregate_loss(-logprobs, response_mask, agg="token-mean")
-    return loss, {"loss/sft": loss.item(), "sft/tokens": float(response_mask.sum())}
-
-
-def pair_logprobs(logprobs: Tensor, response_mask: Tensor, loss_type: str) -> tuple[Tensor, Tensor]:
-    """Interleaved per-token logprobs [2B, T] -> sequence logprobs of the chosen and rejected responses, [B] each."""
-    seq = SEQUENCE_LOGPROBS[loss_type](logprobs, response_mask, dim=-1)
-    return seq[0::2], seq[1::2]
 
 
 # ---- the worker loops (Ray Train `train_loop_per_worker`, config {"job": OfflineJob}) ----

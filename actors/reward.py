@@ -160,6 +160,12 @@ def import_reward_function(spec: str) -> Callable:
     return fn
 
 
+def gold_scores(spec: str, prompts: list[str], responses: list[str]) -> list[float]:
+    """The gold reward `spec` ("module:function": eval.gold_reward, or the synthetic task's hidden reward) of B
+    (prompt, response) pairs: [B]. It measures samples beside the reward being optimized, never in it."""
+    return [float(x) for x in import_reward_function(spec)(prompts, responses)]
+
+
 class FunctionScorer:
     """A Python reward function `f(prompts, responses) -> list[float]` (DESIGN.md `reward.function`)."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.engine import shard
-from actors.reward import import_reward_function
+from actors.reward import gold_scores
 from pipeline.algo import (
     ADVANTAGES,
     gae,
@@ -135,7 +135,7 @@ def make_train_batches(
     )
     metrics = experience_metrics(r, scores, kl, mask)
     if gold_reward is not None:
-        gold = torch.tensor(import_reward_function(gold_reward)(r.prompts, r.responses), dtype=torch.float32)
+        gold = torch.tensor(gold_scores(gold_reward, r.prompts, r.responses), dtype=torch.float32)
         metrics.update({"gold_reward/mean": gold.mean().item(), "gold_reward/std": gold.std().item()})
     return shard(batch, world_size), metrics
 

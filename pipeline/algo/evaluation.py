@@ -24,9 +24,9 @@ def pair_accuracy(chosen: Tensor, rejected: Tensor) -> Tensor:
     """Share of pairs whose chosen response scores higher, ties counted half: the mean of `win_outcomes`.
 
     chosen, rejected: [B] scores of each pair's two responses (a margin against zeros gives the share of positive
-    margins). -> [] in chosen's dtype, so float64 scores give the exact fraction.
+    margins). -> [] float32, or float64 for float64 scores (then the fraction is exact).
     """
-    return win_outcomes(chosen, rejected).to(chosen.dtype).mean()
+    return win_outcomes(chosen, rejected).to(torch.promote_types(chosen.dtype, torch.float32)).mean()
 
 
 def bootstrap_ci(values: Tensor, *, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float, float]:

@@ -1,4 +1,5 @@
-"""Policy-gradient losses: PPO clipped surrogate, clipped value loss, entropy, truncated IS weights."""
+"""Policy-gradient losses: PPO clipped surrogate, clipped value loss, entropy, truncated IS weights; and the
+supervised fine-tuning loss."""
 
 import torch
 
@@ -114,3 +115,13 @@ def truncated_is_weights(logprobs: Tensor, rollout_logprobs: Tensor, mask: Tenso
     m = bool_mask(mask)
     log_ratio = torch.where(m, logprobs.detach(), 0.0) - torch.where(m, rollout_logprobs, 0.0)
     return torch.where(m, torch.exp(log_ratio).clamp(max=cap), 0.0)
+
+
+def sft_loss(logprobs: Tensor, response_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Supervised fine-tuning loss: mean negative log-likelihood per response token (prompt tokens and padding
+    count for nothing).
+
+    logprobs: [B, T] log pi(y_t | x, y_<t) of the response tokens (with grad); response_mask: [B, T].
+    """
+    loss = aggregate_loss(-logprobs, response_mask, agg="token-mean")
+    return loss, {"loss/sft": loss.item(), "sft/tokens": float(response_mask.sum())}

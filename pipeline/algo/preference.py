@@ -5,6 +5,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.algo.masking import masked_mean, masked_sum
+
 Tensor = torch.Tensor
 
 
@@ -31,6 +33,18 @@ def ipo(logits: Tensor, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
 
 
 DPO_LOSSES: dict[str, Callable[..., Tensor]] = {"sigmoid": dpo_sigmoid, "ipo": ipo}
+# Sequence logprob of a response under each loss: summed (DPO), or averaged over tokens (IPO, as in the paper).
+SEQUENCE_LOGPROBS: dict[str, Callable[..., Tensor]] = {"sigmoid": masked_sum, "ipo": masked_mean}
+
+
+def pair_logprobs(logprobs: Tensor, response_mask: Tensor, loss_type: str) -> tuple[Tensor, Tensor]:
+    """Sequence logprobs of each pair's chosen and rejected response, as `loss_type` takes them.
+
+    logprobs, response_mask: [2B, T] per-token logprobs of B pairs interleaved (row 2i is pair i's chosen
+    response, row 2i+1 its rejected one); loss_type: a key of SEQUENCE_LOGPROBS. -> (chosen [B], rejected [B]).
+    """
+    seq = SEQUENCE_LOGPROBS[loss_type](logprobs, response_mask, dim=-1)
+    return seq[0::2], seq[1::2]
 
 
 def dpo_loss(

@@ -8,16 +8,9 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.engine import rows
-from actors.offline import (
-    PAIR_LOSSES,
-    interleave,
-    pair_logprobs,
-    pair_sequence_batch,
-    score_batch,
-    sequence_batch,
-    sft_loss,
-)
+from actors.offline import PAIR_LOSSES, interleave, pair_sequence_batch, score_batch, sequence_batch
 from actors.sequences import response_logprobs
+from pipeline.algo import sft_loss
 from pipeline.config import DpoConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.stages.offline import check_batch_size, describe, last_epoch
@@ -99,15 +92,6 @@ def test_pairs_are_interleaved_and_micro_batches_keep_them_whole(tokenizer):
     assert texts[0::2] == [p + c for p, c in zip(prompts, chosen, strict=True)]
     assert texts[1::2] == [p + r for p, r in zip(prompts, rejected, strict=True)]
     assert scores.response_mask.any(dim=-1).sum() == 6  # accumulate_update's units: one per row
-
-
-def test_pair_logprobs_sum_for_dpo_and_average_for_ipo():
-    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0], [-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    chosen, rejected = pair_logprobs(logprobs, mask, "sigmoid")
-    assert chosen.tolist() == [-6.0, -2.0] and rejected.tolist() == [-4.0, -2.0]
-    chosen, rejected = pair_logprobs(logprobs, mask, "ipo")
-    assert chosen.tolist() == [-2.0, -1.0] and rejected.tolist() == [-4.0, -2.0]
 
 
 def test_dpo_label_smoothing_needs_the_sigmoid_loss():

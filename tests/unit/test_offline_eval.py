@@ -1,10 +1,9 @@
-"""Evaluation and resampling helpers of the offline stages (no Ray): win rate, pair accuracy, bootstrap counts."""
+"""Evaluation and resampling helpers of the offline stages (no Ray): win rate, bootstrap counts (pair accuracy:
+tests/unit/algo/test_algo_offline.py)."""
 
 import numpy as np
 import pytest
-import torch
 
-from actors.evaluation import pair_accuracy
 from pipeline.stages.dpo import win_rate
 from pipeline.stages.reward import bootstrap, pair_count
 
@@ -13,10 +12,6 @@ def test_win_rate_counts_ties_half():
     assert win_rate([0.5, 0.2, 0.3, 0.0], [0.1, 0.4, 0.3, 0.0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
     with pytest.raises(ValueError, match="2 and 1"):
         win_rate([0.1, 0.2], [0.3])
-
-
-def test_pair_accuracy_counts_ties_half():
-    assert pair_accuracy(torch.tensor([1.0, 0.0, 2.0, 5.0]), torch.tensor([0.0, 1.0, 2.0, 4.0])) == 0.625
 
 
 def test_bootstrap_repeats_each_pair_a_poisson_count_that_depends_on_text_and_seed_only():
