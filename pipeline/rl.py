@@ -31,10 +31,11 @@ import ray
 from pipeline import checkpoint
 from pipeline.algo import AdaptiveKLController, FixedKLController
 from pipeline.config import Config
-from pipeline.data import RowCheck, read_dataset
+from pipeline.data import read_dataset
 from pipeline.errors import RunFailure
 from pipeline.experience import stage_seconds
 from pipeline.stages.context import StageContext
+from pipeline.stages.heldout import heldout_rows, row_check
 from pipeline.types import EvalRow, LoopEvent, Restart, StepRow
 
 
@@ -63,12 +64,10 @@ class PromptStream:
 
     def __init__(self, ctx: StageContext, batch_size: int, seed: int):
         cfg = ctx.cfg
-        check = RowCheck("prompts", tokenizer_dir=ctx.tokenizer_dir(), max_prompt_tokens=cfg.data.max_prompt_tokens,
-                         max_response_tokens=cfg.data.max_response_tokens)
+        check = row_check(ctx, "prompts", ctx.tokenizer_dir())
         path = ctx.data_file("prompts")
-        self.path = path
+        self.path, self.ctx, self.tokenizer_dir = path, ctx, check.tokenizer_dir
         self.train, report = read_dataset(path, check, on_bad_rows=cfg.data.on_bad_rows, split="train", log=ctx.log)
-        self.test, _ = read_dataset(path, check, on_bad_rows="skip", split="test", log=lambda _: None)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # the same seed gives the same prompt order
         context.enable_progress_bars = False
@@ -130,7 +129,9 @@ class PromptStream:
             self._reader = None
 
     def heldout(self, n: int) -> list[str]:
-        return [row["prompt"] for row in self.test.limit(n).take_all()]  # read to the end: see the class doc
+        """The first n test-split prompts (every prompt is held out too when the file has no split column)."""
+        rows = heldout_rows(self.ctx, "prompts", self.tokenizer_dir, unsplit="all", limit=n)
+        return [row["prompt"] for row in rows]
 
 
 class StepTimer:

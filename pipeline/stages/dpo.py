@@ -17,20 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from actors.evaluation import implicit_reward_accuracy, sample_gold
 from actors.offline import dpo_loop
+from pipeline.algo import pair_accuracy
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import (
-    fit,
-    heldout_rows,
-    last_epoch,
-    offline_job,
-    rated_policy_pairs,
-    remote,
-    train_dataset,
-    unique,
-)
+from pipeline.stages.heldout import heldout_rows, remote, unique
+from pipeline.stages.offline import fit, last_epoch, offline_job, rated_policy_pairs, train_dataset
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -52,7 +46,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     records = fit(ctx, "dpo", dpo_loop, job, {"train": train}, dpo.max_failures)
     ctx.record(initial_policy=str(reference), policy=str(out))
     summary = last_epoch(records, {"loss/dpo": "dpo/loss", "dpo/reward_accuracy": "dpo/reward_accuracy"})
-    test = heldout_rows(ctx, "preferences", tokenizer)
+    test = heldout_rows(ctx, "preferences", tokenizer, unsplit="none")
     if test:
         columns = ([r[c] for r in test] for c in ("prompt", "chosen", "rejected"))
         acc = remote(implicit_reward_accuracy, str(out), str(reference), dpo.loss_type, *columns)
@@ -84,4 +78,4 @@ def win_rate(new: list[float], old: list[float]) -> float:
     """Share of sample pairs (new[i], old[i]) where new is higher, ties counted half."""
     if len(new) != len(old) or not new:
         raise ValueError(f"win_rate needs two equal, non-empty lists (got {len(new)} and {len(old)})")
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new, old, strict=True)) / len(new)
+    return pair_accuracy(torch.tensor(new, dtype=torch.float64), torch.tensor(old, dtype=torch.float64)).item()

@@ -27,7 +27,7 @@ import torch
 
 from actors.evaluation import preference_margins
 from actors.reference import ReferenceWorker
-from actors.reward import RewardWorker, configured_sources, import_reward_function
+from actors.reward import RewardWorker, configured_sources, gold_scores, import_reward_function
 from actors.rollout import RolloutWorker
 from cluster.plan import ResourcePlan, plan, release, reserve, resolve_device, spawn
 from pipeline.algo import (
@@ -43,11 +43,10 @@ from pipeline.algo import (
     win_outcomes,
 )
 from pipeline.config import Config
-from pipeline.data import RowCheck, read_dataset
 from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import plot_best_of_n, plot_calibration, plot_gao
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import quiet, remote, unique
+from pipeline.stages.heldout import heldout_rows, remote, unique
 from pipeline.stream import CHUNK_SEED_STRIDE
 from pipeline.types import PromptBatch, Rollouts
 
@@ -135,15 +134,10 @@ def gold_reward_spec(ctx: StageContext) -> str | None:
 
 def eval_rows(ctx: StageContext, kind: str, tokenizer_dir: Path) -> list[dict[str, str]]:
     """The test split of `data.<kind>`, or every row when the file has no `split` column (a file given to evaluate
-    with is held out as a whole); unlike `offline.heldout_rows`, having no such rows is an error."""
-    data = ctx.cfg.data
-    check = RowCheck(kind, tokenizer_dir=tokenizer_dir, max_prompt_tokens=data.max_prompt_tokens,
-                     max_response_tokens=data.max_response_tokens)
-    path = ctx.data_file(kind)
-    ds, _ = read_dataset(path, check, on_bad_rows=data.on_bad_rows, split="test", log=ctx.log)
-    rows = quiet(ds).take_all()
+    with is held out as a whole); having no such rows is an error."""
+    rows = heldout_rows(ctx, kind, tokenizer_dir, unsplit="all", log=ctx.log)
     if not rows:
-        raise DataError(f"{path}: no rows in the test split; the eval stage needs held-out {kind}")
+        raise DataError(f"{ctx.data_file(kind)}: no rows in the test split; the eval stage needs held-out {kind}")
     return rows
 
 
@@ -210,17 +204,17 @@ class EvalWorkers:
         rollouts: list[Rollouts] = ray.get([c[0] for c in chunks])
         shape = (num_prompts, rollouts[0].group_size)
         reward = torch.cat([s.scores for s in ray.get([c[1] for c in chunks])]) if self.rewards else None
-        gold_scores = None
+        gold_values = None
         if gold is not None:
-            fn = import_reward_function(gold)
-            gold_scores = torch.tensor([x for r in rollouts for x in fn(r.prompts, r.responses)], dtype=torch.float64)
+            gold_values = torch.tensor([x for r in rollouts for x in gold_scores(gold, r.prompts, r.responses)],
+                                       dtype=torch.float64)
         kl = None
         if chunks[0][2] is not None:
             ref_logprobs = ray.get([c[2] for c in chunks])
             kl = torch.cat([masked_kl(r.rollout_logprobs, lp, r.response_mask, kind="k1").sum(-1)
                             for r, lp in zip(rollouts, ref_logprobs, strict=True)])
         length = torch.cat([r.response_mask.sum(-1) for r in rollouts]).double()
-        return Samples(*(None if x is None else x.reshape(shape) for x in (reward, gold_scores, length, kl)))
+        return Samples(*(None if x is None else x.reshape(shape) for x in (reward, gold_values, length, kl)))
 
 
 def eval_plan(cfg: Config, device: str) -> ResourcePlan:

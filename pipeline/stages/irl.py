@@ -33,7 +33,8 @@ from pipeline.metrics import plot_metrics
 from pipeline.recorder import Recorder, read_events
 from pipeline.rl import train_iter
 from pipeline.stages.context import Artifacts, StageContext
-from pipeline.stages.offline import fit, last_epoch, offline_job, policy_samples, quiet, task_info, train_dataset
+from pipeline.stages.heldout import quiet
+from pipeline.stages.offline import fit, last_epoch, offline_job, policy_samples, task_info, train_dataset
 from pipeline.types import EvalRow, StepRow
 
 ROUND = "round.json"  # written when a round finished: {"policy", "reward", "evals", "discriminator"}

@@ -1,6 +1,6 @@
 """Driver side of the offline training stages (`sft`, `reward`, `dpo`): check and stream the data, run a worker loop
 of actors.offline on Ray Train (a TorchTrainer, one DeepSpeed engine per worker), print its per-epoch progress,
-and run the small evaluations (sampling, scoring) as Ray tasks.
+and draw and rate the policy's own samples. Held-out reads and measurements are in pipeline.stages.heldout.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from actors.offline import OfflineJob
 from actors.rollout import RolloutWorker
 from cluster.plan import resolve_device
 from pipeline.config import RolloutConfig
-from pipeline.data import RowCheck, read_dataset
+from pipeline.data import read_dataset
 from pipeline.errors import ConfigError
 from pipeline.stages.context import StageContext
+from pipeline.stages.heldout import quiet, row_check
 from pipeline.types import PromptBatch
 
 POLL_S = 0.5  # how often the progress printer looks for a finished fit
@@ -51,16 +52,6 @@ def check_batch_size(key: str, batch_size: int, num_workers: int) -> None:
         )
 
 
-def row_check(ctx: StageContext, kind: str, tokenizer_dir: Path) -> RowCheck:
-    data = ctx.cfg.data
-    return RowCheck(
-        kind,
-        tokenizer_dir=tokenizer_dir,
-        max_prompt_tokens=data.max_prompt_tokens,
-        max_response_tokens=data.max_response_tokens,
-    )
-
-
 def train_dataset(ctx: StageContext, kind: str, tokenizer_dir: Path) -> ray.data.Dataset:
     """The checked train split of `data.<kind>` (all rows when the file has no `split` column)."""
     check = row_check(ctx, kind, tokenizer_dir)
@@ -68,22 +59,6 @@ def train_dataset(ctx: StageContext, kind: str, tokenizer_dir: Path) -> ray.data
     ds, report = read_dataset(path, check, on_bad_rows=on_bad_rows, split="train", log=ctx.log)
     ctx.log(f"data: {report.path}: {report.good_rows} good rows of {report.rows} ({kind})")
     quiet(ds)
-    return ds
-
-
-def heldout_rows(ctx: StageContext, kind: str, tokenizer_dir: Path) -> list[dict[str, str]]:
-    """The test split's rows of `data.<kind>`, or [] when the file has no `split` column (nothing is held out)."""
-    check = row_check(ctx, kind, tokenizer_dir)
-    path = ctx.data_file(kind)
-    ds, _ = read_dataset(path, check, on_bad_rows=ctx.cfg.data.on_bad_rows, split="test", log=lambda _: None)
-    rows = quiet(ds).take_all()
-    return [r for r in rows if r.get("split") == "test"]
-
-
-def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """No progress bars for this dataset: the stage prints one line per epoch instead."""
-    ds.context.enable_progress_bars = False
-    ds.context.print_on_execution_start = False
     return ds
 
 
@@ -182,11 +157,6 @@ def describe(record: dict[str, Any]) -> str:
     )
 
 
-def remote(fn: Callable, *args, **kwargs):
-    """Run `fn` as a one-CPU Ray task and wait for it: small evaluations stay off the driver's process."""
-    return ray.get(ray.remote(num_cpus=1)(fn).remote(*args, **kwargs))
-
-
 def policy_samples(rollout: RolloutConfig, policy: str | Path, prompts: list[str], samples_per_prompt: int, *,
                    seed: int) -> list[str]:
     """`samples_per_prompt` responses per prompt ([P * G], a prompt's consecutive) from a rollout worker on `policy`
@@ -232,7 +202,3 @@ def last_epoch(records: list[dict[str, Any]], keys: dict[str, str], member: int 
     no epoch left to train)."""
     mine = [r for r in records if r["member"] == member]
     return {out: mine[-1][key] for key, out in keys.items()} if mine else {}
-
-
-def unique(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))

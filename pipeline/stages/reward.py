@@ -22,16 +22,8 @@ import numpy as np
 from actors.evaluation import preference_accuracy
 from actors.offline import reward_loop
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import (
-    fit,
-    heldout_rows,
-    last_epoch,
-    offline_job,
-    rated_policy_pairs,
-    remote,
-    task_info,
-    train_dataset,
-)
+from pipeline.stages.heldout import heldout_rows, remote
+from pipeline.stages.offline import fit, last_epoch, offline_job, rated_policy_pairs, task_info, train_dataset
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -64,7 +56,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     losses = [last_epoch(records, {"loss/rm": "loss"}, k).get("loss") for k in range(members)]
     if all(x is not None for x in losses):
         summary["rm/loss"] = sum(losses) / members
-    test = heldout_rows(ctx, "preferences", init)
+    test = heldout_rows(ctx, "preferences", init, unsplit="none")
     if test:
         columns = ([r[c] for r in test] for c in ("prompt", "chosen", "rejected"))
         acc = remote(preference_accuracy, member_dirs, cfg.reward.micro_batch_size, *columns)

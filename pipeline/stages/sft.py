@@ -15,7 +15,8 @@ from typing import Any
 from actors.evaluation import sample_gold
 from actors.offline import sft_loop
 from pipeline.stages.context import StageContext
-from pipeline.stages.offline import fit, heldout_rows, last_epoch, offline_job, remote, train_dataset, unique
+from pipeline.stages.heldout import heldout_rows, remote, unique
+from pipeline.stages.offline import fit, last_epoch, offline_job, train_dataset
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -28,7 +29,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.record(initial_policy=str(policy), policy=str(out))
     summary = last_epoch(records, {"loss/sft": "sft/loss"})
     if ctx.gold_reward() is not None:
-        prompts = unique([r["prompt"] for r in heldout_rows(ctx, "demos", tokenizer)])
+        prompts = unique([r["prompt"] for r in heldout_rows(ctx, "demos", tokenizer, unsplit="none")])
         if prompts:
             args = (prompts, sft.eval_samples, cfg.run.seed, ctx.gold_reward())
             gold = remote(sample_gold, cfg.rollout, str(out), *args)
