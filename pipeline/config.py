@@ -315,16 +315,40 @@ class PlacementConfig(Section):
         return self
 
 
+# The fields every offline training section (sft, rm, dpo, irl) has, each defined once: its constraint, its
+# description and the default the stages share. Field factories rather than a base section: the learning rate and
+# epochs keep a default per stage, and each section keeps its own key order (a base class's fields come first).
+
+
+def offline_lr(default: float, *, of: str) -> Any:
+    """`lr` of an offline stage: it takes the place of learner.lr in the stage's engine."""
+    return Field(default, gt=0, description=f"Learning rate (AdamW) of {of}.")
+
+
+def offline_epochs(default: int, *, over: str) -> Any:
+    """`epochs` of an offline stage: it takes the place of learner.epochs in the stage's engine."""
+    return Field(default, ge=1, description=f"Passes over {over}.")
+
+
+def offline_batch_size(*, rows: str) -> Any:
+    """`batch_size` of an offline stage: the global batch, split evenly over learner.num_workers."""
+    return Field(32, ge=1, description=f"{rows} per optimizer update, over all workers together.")
+
+
+def offline_max_failures() -> Any:
+    return Field(
+        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
+    )
+
+
 class SftConfig(Section):
     """The `sft` stage: next-token loss on the demonstrations' response tokens, on Ray Train. The optimizer and
     engine settings not listed here (betas, warmup, ZeRO stage, micro-batch, workers) come from `learner`."""
 
-    lr: float = Field(1e-3, gt=0, description="Learning rate (AdamW) of supervised fine-tuning.")
-    epochs: int = Field(4, ge=1, description="Passes over the training demonstrations.")
-    batch_size: int = Field(32, ge=1, description="Demonstrations per optimizer update, over all workers together.")
-    max_failures: int = Field(
-        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
-    )
+    lr: float = offline_lr(1e-3, of="supervised fine-tuning")
+    epochs: int = offline_epochs(4, over="the training demonstrations")
+    batch_size: int = offline_batch_size(rows="Demonstrations")
+    max_failures: int = offline_max_failures()
     eval_samples: int = Field(4, ge=1, description="Responses sampled per held-out prompt for sft/gold_reward.")
 
 
@@ -337,9 +361,9 @@ class RewardTrainConfig(Section):
         description="Start each member from `task`: the synthetic task's reward model when the run has one (else the "
         "policy), or from `policy`: the current policy (e.g. the SFT model, as in InstructGPT) with a new head.",
     )
-    lr: float = Field(3e-4, gt=0, description="Learning rate (AdamW) of reward-model training.")
-    epochs: int = Field(2, ge=1, description="Passes over the training preference pairs, per ensemble member.")
-    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer update, over all workers together.")
+    lr: float = offline_lr(3e-4, of="reward-model training")
+    epochs: int = offline_epochs(2, over="the training preference pairs, per ensemble member")
+    batch_size: int = offline_batch_size(rows="Preference pairs")
     bootstrap: bool = Field(
         False, description="Train each ensemble member on a bootstrap resample (Poisson(1) copies of each pair)."
     )
@@ -350,9 +374,7 @@ class RewardTrainConfig(Section):
         "InstructGPT's labellers rated its SFT model's samples); `both`: the two together.",
     )
     policy_pairs_per_prompt: int = Field(8, ge=1, description="pairs=policy/both: sample pairs labelled per prompt.")
-    max_failures: int = Field(
-        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
-    )
+    max_failures: int = offline_max_failures()
 
 
 class DpoConfig(Section):
@@ -366,12 +388,10 @@ class DpoConfig(Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped preference labels (sigmoid loss only)."
     )
-    lr: float = Field(1e-5, gt=0, description="Learning rate (AdamW) of DPO.")
-    epochs: int = Field(1, ge=1, description="Passes over the training preference pairs.")
-    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer update, over all workers together.")
-    max_failures: int = Field(
-        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
-    )
+    lr: float = offline_lr(1e-5, of="DPO")
+    epochs: int = offline_epochs(1, over="the training preference pairs")
+    batch_size: int = offline_batch_size(rows="Preference pairs")
+    max_failures: int = offline_max_failures()
     eval_samples: int = Field(4, ge=1, description="Sample pairs per held-out prompt for dpo/gold_win_rate.")
     pairs: Literal["data", "policy"] = Field(
         "data",
@@ -435,12 +455,10 @@ class IrlConfig(Section):
         description="Start the discriminator from `policy`: the policy before the stage with a new one-label head, "
         "or `task`: the synthetic task's random-init reward model. Later rounds continue from the last round's.",
     )
-    lr: float = Field(3e-4, gt=0, description="Learning rate (AdamW) of the discriminator.")
-    epochs: int = Field(1, ge=1, description="Passes over one round's (demonstration, policy sample) pairs.")
-    batch_size: int = Field(32, ge=1, description="(demonstration, sample) pairs per update, over all workers.")
-    max_failures: int = Field(
-        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
-    )
+    lr: float = offline_lr(3e-4, of="the discriminator")
+    epochs: int = offline_epochs(1, over="one round's (demonstration, policy sample) pairs")
+    batch_size: int = offline_batch_size(rows="(demonstration, sample) pairs")
+    max_failures: int = offline_max_failures()
 
 
 class Config(Section):
@@ -515,15 +533,20 @@ def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     merged = _deep_copy(data)
     for text in overrides:
         parts, value = parse_override(text)
-        node = merged
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                prefix = ".".join(parts[: i + 1])
-                raise ConfigError(f"override {text!r}: {prefix} is a value ({child!r}), not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(merged, parts, value, source=f"override {text!r}")
     return merged
+
+
+def set_dotted(data: dict[str, Any], parts: list[str], value: Any, *, source: str) -> None:
+    """data[a][b][c] = value for parts ["a", "b", "c"], in place, making the sections on the way; ConfigError
+    (prefixed with `source`) when a prefix already holds a value, not a section."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

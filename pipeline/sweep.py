@@ -31,7 +31,7 @@ from typing import Any
 from ray.tune import Callback
 
 from pipeline import checkpoint
-from pipeline.config import Config, SearchSpace, load_config, to_yaml, validate
+from pipeline.config import Config, SearchSpace, load_config, set_dotted, to_yaml, validate
 from pipeline.errors import ConfigError
 from pipeline.frontier import best_row, key_vs_kl, plot_frontier, result_row, table, write_csv
 from pipeline.recorder import Recorder, truncate
@@ -63,11 +63,7 @@ def with_values(data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """A copy of a config dict with each dotted key of `params` set to its value."""
     out = json.loads(json.dumps(data))
     for key, value in params.items():
-        *sections, last = key.split(".")
-        node = out
-        for part in sections:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(out, key.split("."), value, source=f"sweep key {key!r}")
     return out
 
 

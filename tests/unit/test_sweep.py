@@ -11,7 +11,7 @@ import pytest
 from cluster.plan import plan
 from pipeline import checkpoint
 from pipeline.cli import main
-from pipeline.config import load_config
+from pipeline.config import load_config, merge_overrides
 from pipeline.errors import ConfigError
 from pipeline.frontier import (
     best_row,
@@ -67,6 +67,18 @@ def test_trial_config_sets_dotted_keys_without_touching_base():
     assert trial.algo.kl.mode == cfg.algo.kl.mode  # the rest is the base config
     assert base["algo"]["kl"]["coef"] == cfg.algo.kl.coef
     assert with_values({"a": {"b": 1}}, {"a.c.d": 2}) == {"a": {"b": 1, "c": {"d": 2}}}
+
+
+def test_sweep_keys_and_run_overrides_set_dotted_keys_alike():
+    # one setter (pipeline.config.set_dotted): the same dict, and the same error for a value in the way
+    data = {"algo": {"kl": {"coef": 0.5}}, "run": {"name": "a"}}
+    assert with_values(data, {"algo.kl.coef": 0.1, "rollout.temperature": 0.7}) == merge_overrides(
+        data, ["algo.kl.coef=0.1", "rollout.temperature=0.7"]
+    )
+    with pytest.raises(ConfigError, match=r"sweep key 'run.name.x': run.name is a value \('a'\), not a section"):
+        with_values(data, {"run.name.x": 1})
+    with pytest.raises(ConfigError, match=r"override 'run.name.x=1': run.name is a value \('a'\), not a section"):
+        merge_overrides(data, ["run.name.x=1"])
 
 
 @pytest.mark.parametrize(
