@@ -18,13 +18,15 @@ from actors.engine import (
     Dist,
     TrainEngine,
     accumulate_update,
+    collective_forwards,
     mean_metrics,
-    rows,
+    micro_batch_plan,
     save_hf,
     start_engine,
+    take,
     to_device,
 )
-from actors.sequences import response_logits
+from actors.sequences import LAYOUTS, Layout, choose_layout, lengths_of, token_metrics
 from pipeline.algo import value_loss
 from pipeline.config import AlgoConfig, LearnerConfig
 from pipeline.types import TrainBatch
@@ -50,9 +52,11 @@ class ValueLearner:
         self.cfg, self.algo, self.model_dir, self.seed = learner_cfg, algo_cfg, Path(model_dir), seed
         self.dist = Dist(rank, world_size, master_addr, master_port)
         self.engine: TrainEngine | None = None
+        self.layout: Layout = LAYOUTS["padded"]
 
     def setup(self) -> float:
-        """Join the process group, load backbone + value head, build the engine. -> seconds taken."""
+        """Join the process group, load backbone + value head, build the engine, choose the forward layout
+        (packed unless learner.packing is off or the model fails the packing check). -> seconds taken."""
         from transformers import AutoModelForTokenClassification
 
         start = time.perf_counter()
@@ -62,29 +66,33 @@ class ValueLearner:
 
         # the critic trains while the policy learners do: the two groups share the cores
         self.engine = start_engine(self.cfg, self.dist, self.seed, load, groups=2)
+        self.layout = choose_layout(self.engine.model, self.engine.module, self.engine.device, self.cfg.packing,
+                                    who="critic", quiet=self.dist.rank > 0)
         return time.perf_counter() - start
 
     def compute_values(self, batch: Batch) -> Tensor:
         """V(s_t) for every response token: [B, T] float32, 0 where the response mask is False; no grad."""
-        out = []
+        out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+        sync = collective_forwards(self.cfg, self.dist.world_size)
         with torch.no_grad():
-            for s in range(0, len(batch), self.cfg.micro_batch_size):
-                mb = to_device(rows(batch, s, s + self.cfg.micro_batch_size), self.engine.device)
-                out.append(self._values(mb).cpu())
-        return torch.cat(out)
+            for idx in self._plan(batch, sync=sync):
+                out[idx] = self._values(to_device(take(batch, idx), self.engine.device)).cpu()
+        return out
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """`epochs` clipped value-loss updates on this rank's TrainBatch shard (needs returns, old_values)."""
+        """`epochs` clipped value-loss updates on this rank's TrainBatch shard (needs returns, old_values).
+        -> metrics, `tokens/*` as the policy learner's."""
         if batch.returns is None or batch.old_values is None:
             raise ValueError("the critic's TrainBatch needs returns and old_values")
         start = time.perf_counter()
         batch = to_device(batch, self.engine.device)
+        plan = self._plan(batch, sync=True)
         metrics: list[dict[str, float]] = []
         for _ in range(self.cfg.epochs):
             m = accumulate_update(
                 self.engine,
                 batch,
-                micro_batch_size=self.cfg.micro_batch_size,
+                plan=plan,
                 agg=self.algo.loss_agg,
                 world_size=self.dist.world_size,
                 loss_fn=lambda i, mb: value_loss(
@@ -100,11 +108,16 @@ class ValueLearner:
                 return {**m, "timing/critic_step": time.perf_counter() - start}
             m["value/grad_norm"] = m.pop("grad_norm")
             metrics.append(m)
-        return {**mean_metrics(metrics), "timing/critic_step": time.perf_counter() - start}
+        tokens = token_metrics(lengths_of(batch.prompt_mask, batch.response_mask), plan, self.layout,
+                               passes=self.cfg.epochs)
+        return {**mean_metrics(metrics), **tokens, "timing/critic_step": time.perf_counter() - start}
 
     def _values(self, mb: TrainBatch) -> Tensor:
-        logits = response_logits(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-        return torch.where(mb.response_mask, logits.squeeze(-1).float(), 0.0)
+        return self.layout.values(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                  mb.response_mask)
+
+    def _plan(self, batch: Batch, *, sync: bool) -> list[Tensor]:
+        return micro_batch_plan(batch, self.cfg, self.layout, self.dist.world_size, self.engine.device, sync=sync)
 
     def gather_weights(self) -> list[tuple[str, Tensor]]:
         """Full weights with HF names on rank 0 ([] elsewhere); every rank must call it (ZeRO-3)."""

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
+from actors.sequences import Layout, lengths_of, micro_batches, split_to
 from pipeline.config import LearnerConfig
 
 Tensor = torch.Tensor
@@ -261,6 +262,12 @@ def rows(batch: Batch, start: int, stop: int) -> Batch:
     return map_fields(batch, lambda v: v[start:stop])
 
 
+def take(batch: Batch, index: Tensor) -> Batch:
+    """The sequences `index` [b] (long, in that order) of a batch dataclass."""
+    picked = index.tolist()
+    return map_fields(batch, lambda v: v[index.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in picked])
+
+
 def map_fields(batch: Batch, fn: Callable[[Any], Any]) -> Batch:
     """Apply fn to every per-sequence field (tensor or list) of a batch dataclass; scalars are kept."""
     changes = {}
@@ -309,6 +316,15 @@ def global_sum(x: Tensor, world_size: int) -> Tensor:
     return x
 
 
+def global_max(x: int, world_size: int, device: torch.device) -> int:
+    """Largest x over all ranks (x itself when there is one rank): a collective, so every rank must call it."""
+    if world_size == 1:
+        return x
+    t = torch.tensor(float(x), device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
     """True on every rank when `flag` is true on some rank: one all-reduce, so every rank must call it."""
     return bool(global_sum(torch.tensor(float(flag), device=device), world_size).item() > 0)
@@ -327,14 +343,20 @@ def nonfinite_input(batch: Batch) -> str | None:
     return None
 
 
+SUMMED = "tokens/"  # metric keys that count work (tokens/real, tokens/computed): ranks' counts add up
+
+
 def mean_metrics(metrics: list[dict[str, float]], weights: list[float] | None = None) -> dict[str, float]:
-    """(Weighted) mean of each key over the dicts; keys ending in `_max` take the max."""
+    """(Weighted) mean of each key over the dicts; keys ending in `_max` take the max, keys under `tokens/` are
+    counts and add up."""
     weights = [1.0] * len(metrics) if weights is None else weights
     total = sum(weights) or 1.0
     out = {}
     for key in metrics[0]:
         if key.endswith("_max"):
             out[key] = max(m[key] for m in metrics)
+        elif key.startswith(SUMMED):
+            out[key] = sum(m[key] for m in metrics)
         else:
             out[key] = sum(w * m[key] for m, w in zip(metrics, weights, strict=True)) / total
     return out
@@ -368,6 +390,24 @@ def save_hf(engine: TrainEngine, rank: int, model_dir: Path, out_dir: Path) -> N
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
 
 
+def micro_batch_plan(batch, cfg: LearnerConfig, layout: Layout, world_size: int, device: torch.device, *,
+                     sync: bool) -> list[Tensor]:
+    """This rank's micro-batches of `batch` (index tensors): `cfg.micro_batch_size` sequences each, or up to
+    `cfg.max_tokens_per_micro_batch` tokens as `layout` computes them. sync (a collective): as many micro-batches
+    as the rank with the most, since ranks meet in a collective per micro-batch (accumulate_update, ZeRO-3)."""
+    lengths = lengths_of(batch.prompt_mask, batch.response_mask)
+    budget = cfg.max_tokens_per_micro_batch
+    plan = micro_batches(lengths, rows=cfg.micro_batch_size, max_tokens=budget, tokens=layout.tokens)
+    if sync and budget is not None:  # row counts give equal shards the same number already
+        plan = split_to(plan, global_max(len(plan), world_size, device), lengths, layout.tokens)
+    return plan
+
+
+def collective_forwards(cfg: LearnerConfig, world_size: int) -> bool:
+    """Whether a forward pass is a collective (ZeRO-3 gathers the parameters), so ranks must run as many."""
+    return cfg.backend == "deepspeed" and cfg.zero_stage == 3 and world_size > 1
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return map_fields(batch, lambda v: v.to(device) if isinstance(v, Tensor) else v)
 
@@ -376,22 +416,28 @@ def accumulate_update(
     engine: TrainEngine,
     batch: Batch,
     *,
-    micro_batch_size: int,
+    micro_batch_size: int | None = None,
+    plan: list[Tensor] | None = None,
     agg: str,
     world_size: int,
     loss_fn: Callable[[int, Batch], tuple[Tensor, dict[str, float]]],
 ) -> dict[str, float]:
-    """One optimizer update over `batch`, in micro-batches. -> metrics (`grad_norm` included), weighted like
-    the loss, so `loss/*` is this rank's whole-batch loss.
+    """One optimizer update over `batch`, in micro-batches: the index tensors of `plan` (every rank the same
+    number of them), or else consecutive runs of `micro_batch_size` sequences. -> metrics (`grad_norm`
+    included), weighted like the loss, so `loss/*` is this rank's whole-batch loss.
 
     loss_fn(i, micro_batch) returns the micro-batch loss aggregated with `agg`. It is weighted by the
     micro-batch's share of the step's units (tokens or sequences, summed over ranks) times world_size,
-    because the engine averages gradients over ranks: the sum is the gradient of the full-batch loss."""
+    because the engine averages gradients over ranks: the sum is the gradient of the full-batch loss, however
+    the sequences are grouped into micro-batches."""
     bad = nonfinite_input(batch)
     flags = global_sum(torch.tensor([float(bad == q) for q in INPUTS], device=engine.device), world_size)
     if flags.sum().item() > 0:  # every rank skips, naming what some rank found
         return {f"bad/{q}": 1.0 for q, f in zip(INPUTS, flags.tolist(), strict=True) if f > 0}
-    micro = [rows(batch, s, s + micro_batch_size) for s in range(0, len(batch), micro_batch_size)]
+    if plan is None:
+        micro = [rows(batch, s, s + micro_batch_size) for s in range(0, len(batch), micro_batch_size)]
+    else:
+        micro = [take(batch, idx) for idx in plan]
     units = [float(AGG_UNITS[agg](mb.response_mask)) for mb in micro]
     total = float(global_sum(torch.tensor(sum(units), dtype=torch.float64, device=engine.device), world_size)) or 1.0
     metrics = []

@@ -4,7 +4,8 @@ A plain class, made a Ray actor only at spawn time (`LearnerGroup`). `setup()` j
 (gloo on CPU, NCCL on GPU), loads the HF policy and builds the engine. One `train_step` is `epochs` optimizer
 updates over this rank's shard, each accumulated over micro-batches. Loss weights are taken over the whole step
 (all micro-batches of all ranks), so the update equals the single-process update on the full batch whatever the
-micro-batch size, rank count or sequence lengths.
+micro-batch size or token budget, rank count, sequence lengths or forward layout (packed or padded:
+actors/sequences.py).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from actors.engine import (
     Dist,
     TrainEngine,
     accumulate_update,
+    collective_forwards,
     concat_batches,
     mean_metrics,
-    rows,
+    micro_batch_plan,
     save_hf,
-    shard,
     start_engine,
+    take,
     to_device,
 )
-from actors.sequences import response_logprobs
+from actors.sequences import LAYOUTS, Layout, balanced_shards, choose_layout, lengths_of, token_metrics
 from pipeline.algo import kl_loss, masked_mean, ppo_policy_loss, truncated_is_weights
 from pipeline.config import AlgoConfig, LearnerConfig
 from pipeline.types import ExperienceItem, TrainBatch
@@ -57,40 +59,46 @@ class PolicyLearner:
         self.cfg, self.algo, self.model_dir, self.seed = learner_cfg, algo_cfg, Path(model_dir), seed
         self.dist = Dist(rank, world_size, master_addr, master_port)
         self.engine: TrainEngine | None = None
+        self.layout: Layout = LAYOUTS["padded"]
 
     def setup(self) -> float:
-        """Join the process group, load the policy, build the engine. -> seconds taken."""
+        """Join the process group, load the policy, build the engine, choose the forward layout (packed unless
+        learner.packing is off or the model fails the packing check). -> seconds taken."""
         from transformers import AutoModelForCausalLM
 
         start = time.perf_counter()
         load = lambda: AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)  # noqa: E731
         groups = 2 if self.algo.name == "ppo" else 1  # PPO's critic trains beside the policy
         self.engine = start_engine(self.cfg, self.dist, self.seed, load, groups=groups)
+        self.layout = choose_layout(self.engine.model, self.engine.module, self.engine.device, self.cfg.packing,
+                                    who="learner", quiet=self.dist.rank > 0)
         return time.perf_counter() - start
 
     def compute_logprobs(self, batch: Batch) -> Tensor:
         """Per-token logprobs of the responses under the current weights: [B, T] float32, no grad.
 
         batch: anything with prompt_ids, prompt_mask, response_ids, response_mask (TrainBatch, Rollouts)."""
-        out = []
+        out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+        sync = collective_forwards(self.cfg, self.dist.world_size)
         with torch.no_grad():
-            for s in range(0, len(batch), self.cfg.micro_batch_size):
-                mb = to_device(rows(batch, s, s + self.cfg.micro_batch_size), self.engine.device)
-                out.append(self._logprobs(mb).cpu())
-        return torch.cat(out)
+            for idx in self._plan(batch, sync=sync):
+                out[idx] = self._logprobs(to_device(take(batch, idx), self.engine.device)).cpu()
+        return out
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """`epochs` clipped-surrogate updates on this rank's TrainBatch shard. -> metrics averaged over
-        micro-batches, plus `mismatch/*` (learner vs rollout logprobs before the first update)."""
+        micro-batches, plus `mismatch/*` (learner vs rollout logprobs before the first update) and `tokens/*`
+        (this rank's real tokens and the tokens its forward passes computed: counts, summed over ranks)."""
         start, lr = time.perf_counter(), self.engine.lr
         batch = to_device(batch, self.engine.device)
+        plan = self._plan(batch, sync=True)  # the same micro-batches in every epoch
         first_logprobs: list[Tensor] = []  # pre-update logprobs per micro-batch (first epoch)
         metrics: list[dict[str, float]] = []
         for _ in range(self.cfg.epochs):
             m = accumulate_update(
                 self.engine,
                 batch,
-                micro_batch_size=self.cfg.micro_batch_size,
+                plan=plan,
                 agg=self.algo.loss_agg,
                 world_size=self.dist.world_size,
                 loss_fn=lambda i, mb: self._loss(i, mb, first_logprobs),
@@ -101,7 +109,12 @@ class PolicyLearner:
             metrics.append(m)
         out = mean_metrics(metrics)
         if batch.rollout_logprobs is not None:
-            out.update(self._mismatch(torch.cat(first_logprobs), batch.rollout_logprobs, batch.response_mask))
+            logprobs = torch.zeros_like(batch.rollout_logprobs)
+            for idx, lp in zip(plan, first_logprobs, strict=True):
+                logprobs[idx.to(logprobs.device)] = lp
+            out.update(self._mismatch(logprobs, batch.rollout_logprobs, batch.response_mask))
+        lengths = lengths_of(batch.prompt_mask, batch.response_mask)
+        out.update(token_metrics(lengths, plan, self.layout, passes=self.cfg.epochs))
         out["policy/lr"] = lr  # of the first update
         out["timing/learner_step"] = time.perf_counter() - start
         return out
@@ -174,7 +187,11 @@ class PolicyLearner:
         }
 
     def _logprobs(self, mb) -> Tensor:
-        return response_logprobs(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+        return self.layout.logprobs(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
+                                    mb.response_mask)
+
+    def _plan(self, batch: Batch, *, sync: bool) -> list[Tensor]:
+        return micro_batch_plan(batch, self.cfg, self.layout, self.dist.world_size, self.engine.device, sync=sync)
 
     def gather_weights(self) -> list[tuple[str, Tensor]]:
         """Full weights with HF names, on CPU, on rank 0; other ranks take part in the ZeRO-3 gather and
@@ -255,17 +272,28 @@ class LearnerGroup:
         return ray.get([a.setup.remote() for a in self.actors])
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One TrainBatch, split into equal shards. -> metrics averaged over ranks (maxima for `*_max`)."""
-        shards = shard(batch, len(self.actors))
+        """One TrainBatch, split into equal shards with balanced tokens. -> metrics averaged over ranks (maxima
+        for `*_max`, sums for `tokens/*`)."""
+        shards = [take(batch, idx) for idx in self._shards(batch)]
         return mean_metrics(ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards, strict=True)]))
 
     def compute_logprobs(self, batch) -> Tensor:
-        shards = shard(batch, len(self.actors))
-        return torch.cat(ray.get([a.compute_logprobs.remote(s) for a, s in zip(self.actors, shards, strict=True)]))
+        return self._per_token(batch, [a.compute_logprobs for a in self.actors])
 
     def compute_values(self, batch) -> Tensor:
-        shards = shard(batch, len(self.actors))
-        return torch.cat(ray.get([a.compute_values.remote(s) for a, s in zip(self.actors, shards, strict=True)]))
+        return self._per_token(batch, [a.compute_values for a in self.actors])
+
+    def _shards(self, batch) -> list[Tensor]:
+        return balanced_shards(lengths_of(batch.prompt_mask, batch.response_mask).sum(dim=1), len(self.actors))
+
+    def _per_token(self, batch, methods: list) -> Tensor:
+        """[B, T] from each rank's method on its shard, put back in the batch's order."""
+        shards = self._shards(batch)
+        parts = ray.get([m.remote(take(batch, idx)) for m, idx in zip(methods, shards, strict=True)])
+        out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+        for idx, part in zip(shards, parts, strict=True):
+            out[idx] = part
+        return out
 
     def gather_weights(self) -> list[tuple[str, Tensor]]:
         """Full HF-named weights from rank 0 (every rank joins the ZeRO-3 gather)."""

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actors.engine import set_cpu_threads
-from actors.sequences import response_logprobs
+from actors.sequences import LAYOUTS, Layout, choose_layout, lengths_of, micro_batches
 from pipeline.config import ReferenceConfig
 from pipeline.types import Rollouts
 
@@ -36,17 +36,6 @@ def load_frozen_model(auto_class: type, model_dir: Path) -> torch.nn.Module:
     return model
 
 
-def trim_padding(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor):
-    """Drop the columns that are padding in every row (left of the prompts, right of the responses).
-
-    Positions come from the mask (actors.sequences.join), so the logprobs do not change; a micro-batch of
-    short sequences just costs less. Keeps at least one column of each, as response_logits needs."""
-    first = int(prompt_mask.any(dim=0).float().argmax()) if prompt_mask.any() else prompt_mask.shape[1] - 1
-    used = response_mask.any(dim=0).nonzero()
-    width = int(used[-1]) + 1 if len(used) else 1
-    return prompt_ids[:, first:], prompt_mask[:, first:], response_ids[:, :width], response_mask[:, :width]
-
-
 class ReferenceWorker:
     """Scores rollouts under the frozen reference model. Plain class; made a Ray actor where it is spawned."""
 
@@ -55,10 +44,15 @@ class ReferenceWorker:
         self.model_dir = Path(model_dir)
         self.model: torch.nn.Module | None = None
         self.board = board  # a WeightBoard actor to sign in with (restarts are counted there)
+        self.layout: Layout = LAYOUTS["padded"]
 
     def setup(self) -> None:
+        """Load the model and choose the forward layout (packed unless reference.packing is off or the model
+        fails the packing check)."""
         set_cpu_threads(self.cfg.cpu_threads, self.cfg.num_workers)
         self.model = load_frozen_model(AutoModelForCausalLM, self.model_dir)
+        device = next(self.model.parameters()).device
+        self.layout = choose_layout(self.model, self.model, device, self.cfg.packing, who="reference")
         if self.board is not None:
             ray.get(self.board.sign_in.remote())
 
@@ -69,15 +63,9 @@ class ReferenceWorker:
             self.setup()
         device = next(self.model.parameters()).device
         out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)
-        step = self.cfg.micro_batch_size
-        for start in range(0, len(rollouts), step):
-            rows = slice(start, start + step)
-            batch = trim_padding(
-                rollouts.prompt_ids[rows],
-                rollouts.prompt_mask[rows],
-                rollouts.response_ids[rows],
-                rollouts.response_mask[rows],
-            )
-            logprobs = response_logprobs(self.model, *(t.to(device) for t in batch))
-            out[rows, : logprobs.shape[1]] = logprobs.float().cpu()
+        fields = (rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids, rollouts.response_mask)
+        plan = micro_batches(lengths_of(rollouts.prompt_mask, rollouts.response_mask), rows=self.cfg.micro_batch_size,
+                             max_tokens=self.cfg.max_tokens_per_micro_batch, tokens=self.layout.tokens)
+        for idx in plan:
+            out[idx] = self.layout.logprobs(self.model, *(t[idx].to(device) for t in fields)).cpu()
         return out

@@ -174,6 +174,19 @@ class RewardConfig(Section):
 class ReferenceConfig(Section):
     model: Path | None = Field(None, description="Reference model (HF dir); None: the initial policy.")
     micro_batch_size: int = Field(32, ge=1, description="Sequences per reference forward pass.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget of one reference forward pass, in place of micro_batch_size: sequences go longest "
+        "first into the first micro-batch with room (counted as packed, or padded when packing is off); None: "
+        "micro_batch_size sequences each.",
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free reference forwards: a micro-batch's sequences concatenated in one row, positions "
+        "restarting per sequence. Falls back to padded rows, with one log line, when the model fails the check at "
+        "setup (packed and padded logprobs of a probe batch must agree).",
+    )
     num_workers: int = Field(1, ge=1, description="Reference-logprob actors.")
     cpu_threads: int = Field(
         0,
@@ -195,6 +208,19 @@ class LearnerConfig(Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward on one learner.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="RL policy learner and critic: token budget of one forward/backward, in place of "
+        "micro_batch_size: sequences go longest first into the first micro-batch with room (counted as packed, or "
+        "padded when packing is off); loss weights stay over the whole step. None: micro_batch_size sequences each.",
+    )
+    packing: bool = Field(
+        True,
+        description="RL policy learner and critic: padding-free forwards, a micro-batch's sequences concatenated in "
+        "one row with positions restarting per sequence. Falls back to padded rows, with one log line, when the "
+        "model fails the check at setup (packed and padded outputs of a probe batch must agree).",
+    )
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     epochs: int = Field(
         1,

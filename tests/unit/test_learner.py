@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from actors.critic import ValueLearner
-from actors.learner import PolicyLearner, shard
+from actors.engine import shard
+from actors.learner import PolicyLearner
 from pipeline.algo import masked_mean
 from pipeline.config import AlgoConfig, LearnerConfig
 from pipeline.types import TrainBatch, pad_left, pad_right
