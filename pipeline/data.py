@@ -287,15 +287,15 @@ def enforce(report: DataReport, on_bad_rows: str, log=print) -> None:
         )
     if not report.bad:
         return
-    first = report.bad[0].describe(report.path)
+    first_bad = report.bad[0].describe(report.path)
     if on_bad_rows == "error":
         more = f" (and {len(report.bad) - 1} more bad rows)" if len(report.bad) > 1 else ""
         raise DataError(
-            f"{first}{more}; `raylign data check {report.path} --kind {report.kind}` lists them all, "
+            f"{first_bad}{more}; `raylign data check {report.path} --kind {report.kind}` lists them all, "
             "data.on_bad_rows=skip drops them"
         )
     if report.good_rows == 0:
-        raise DataError(f"{report.path}: all {report.rows} rows are bad; first: {first}")
+        raise DataError(f"{report.path}: all {report.rows} rows are bad; first: {first_bad}")
     log(f"data: skipping {len(report.bad)} of {report.rows} rows of {report.path} (data.on_bad_rows=skip):")
     for bad in report.bad:
         log(f"  {bad.describe(report.path)}")

@@ -115,7 +115,9 @@ def make_train_batches(
     width = r.response_ids.shape[1]
     scores = torch.cat([c.scores for c in chunks]).float()
     ref_logprobs = torch.cat([pad_to(c.ref_logprobs, width) for c in chunks])
-    values = torch.cat([pad_to(c.values, width) for c in chunks]) if chunks[0].values is not None else None
+    values = None
+    if chunks[0].values is not None:  # ppo: every chunk has critic values
+        values = torch.cat([pad_to(c.values, width) for c in chunks if c.values is not None])
     mask = r.response_mask
     kl = masked_kl(r.rollout_logprobs, ref_logprobs, mask, kind=algo.kl.estimator)
     in_reward = kl_coef if algo.kl.mode == "reward" else 0.0

@@ -180,9 +180,9 @@ def _run_stages(cfg: Config, run_dir: Path, log, stop: StopRequest) -> Path:
         log(f"run: stage {stage} ({cfg.stages.index(stage) + 1}/{len(cfg.stages)})")
         ctx = StageContext(cfg=cfg, run_dir=run_dir, artifacts=artifacts, log=log, stop=stop.requested)
         summary.update(stage_function(stage)(ctx))
-        if stop.requested():
+        if signum := stop.requested():
             write_summary(run_dir, summary)
-            raise Interrupted(stop.requested())
+            raise Interrupted(signum)
         artifacts.done.append(stage)
         artifacts.save(run_dir)
         write_summary(run_dir, summary)

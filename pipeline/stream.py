@@ -40,7 +40,6 @@ from pipeline.types import ExperienceItem, PromptBatch
 CHUNK_SEED_STRIDE = 1000  # chunk c samples prompt i with seed + c * stride + i
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)  # threaded: the read task blocks in get() while the driver puts
 class Feed:
     """The stream's source queue: the driver puts chunks, the read task takes them; None ends the stream."""
 
@@ -53,6 +52,10 @@ class Feed:
 
     def get(self) -> ExperienceItem | None:
         return self._queue.get()
+
+
+# threaded: the read task blocks in get() while the driver puts
+FeedActor = ray.remote(num_cpus=0, max_concurrency=4)(Feed)
 
 
 class _FeedSource(Datasource):
@@ -130,6 +133,8 @@ def _reference(block: pa.Table, workers: list, critics: list) -> pa.Table:
 
 def _advantages(block: pa.Table, algo: AlgoConfig, gold_reward: str | None) -> pa.Table:
     def fn(item: ExperienceItem) -> None:
+        if item.rollouts is None or item.scores is None or item.ref_logprobs is None:
+            raise RuntimeError(f"step {item.step} chunk {item.chunk} reached the advantage stage unscored")
         chunk = Chunk(item.rollouts, item.scores, item.ref_logprobs, item.values)
         item.train, item.metrics = _timed(
             item, "advantage", lambda: chunk_experience(chunk, algo, kl_coef=item.kl_coef, gold_reward=gold_reward)
@@ -144,7 +149,7 @@ class ExperienceStream:
 
     def __init__(self, *, rollouts: list, rewards: list, references: list, critics: list, algo: AlgoConfig,
                  gold_reward: str | None, num_splits: int):
-        self.feed = Feed.remote()
+        self.feed = FeedActor.remote()
         context = ray.data.DataContext.get_current()
         saved = context.target_max_block_size, context.execution_options.preserve_order
         # A Dataset seals a copy of the current context when it is made: one-row blocks (a block is emitted as

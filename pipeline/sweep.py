@@ -54,7 +54,7 @@ def tune_space(space: dict[str, SearchSpace]) -> dict[str, Any]:
             out[key] = tune.grid_search(list(s.grid))
         elif s.choice is not None:
             out[key] = tune.choice(list(s.choice))
-        else:
+        elif s.loguniform is not None:  # the section's validator admits exactly one of the three
             out[key] = tune.loguniform(*s.loguniform)
     return out
 
@@ -87,12 +87,12 @@ def check_sweep(cfg: Config) -> None:
                               f"the trials share, {shared_stages(cfg)}); trials can only change what `rl` reads")
         if key not in _dotted_keys(base):
             raise ConfigError(f"sweep.space.{key}: no such config key")
-        for value in s.grid or s.choice or list(s.loguniform):
+        for value in s.grid or s.choice or list(s.loguniform or ()):
             validate(with_values(base, {key: value}), source=f"sweep.space.{key}")
 
 
 def shared_stages(cfg: Config) -> list[str]:
-    return cfg.stages[: cfg.stages.index("rl")]
+    return [str(stage) for stage in cfg.stages[: cfg.stages.index("rl")]]
 
 
 def _dotted_keys(data: dict[str, Any], prefix: str = "") -> set[str]:

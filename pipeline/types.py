@@ -6,6 +6,7 @@ Tp prompt tokens (left-padded), T response tokens (right-padded). Masks are bool
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -112,7 +113,7 @@ class Restart:
 LoopEvent = StepRow | EvalRow | Restart
 
 
-def pad_right(rows: list[list[int | float]], pad: int | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def pad_right(rows: Sequence[Sequence[int | float]], pad: int | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Ragged rows -> (values [B, T], mask [B, T]) padded on the right; T = longest row (at least 1)."""
     width = max([len(r) for r in rows] + [1])
     values = torch.full((len(rows), width), pad, dtype=dtype)

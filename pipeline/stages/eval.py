@@ -214,7 +214,10 @@ class EvalWorkers:
             kl = torch.cat([masked_kl(r.rollout_logprobs, lp, r.response_mask, kind="k1").sum(-1)
                             for r, lp in zip(rollouts, ref_logprobs, strict=True)])
         length = torch.cat([r.response_mask.sum(-1) for r in rollouts]).double()
-        return Samples(*(None if x is None else x.reshape(shape) for x in (reward, gold_values, length, kl)))
+        def shaped(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.reshape(shape)
+
+        return Samples(reward=shaped(reward), gold=shaped(gold_values), length=length.reshape(shape), kl=shaped(kl))
 
 
 def eval_plan(cfg: Config, device: str) -> ResourcePlan:
@@ -245,7 +248,8 @@ def compare(policy: Samples, reference: Samples, cfg: Config) -> dict[str, Any]:
             out["reference_means"][name] = interval(theirs[:, :g], cfg)
     out["policy_means"]["length"] = interval(policy.length, cfg)
     out["reference_means"]["length"] = interval(reference.length[:, :g], cfg)
-    out["policy_means"]["kl"] = interval(policy.kl, cfg)
+    if policy.kl is not None:
+        out["policy_means"]["kl"] = interval(policy.kl, cfg)
     return out
 
 

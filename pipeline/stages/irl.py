@@ -78,8 +78,9 @@ def initial_discriminator(ctx: StageContext) -> str:
     """`irl.init=policy`: the policy before the stage (a new one-label head is drawn); `task`: the synthetic
     task's random-init reward model (the policy when the run has no task)."""
     info = task_info(ctx)
-    if ctx.cfg.irl.init == "task" and "files" in info:
-        return str(Path(ctx.artifacts.task_dir) / info["files"]["reward"])
+    task_dir = ctx.artifacts.task_dir
+    if ctx.cfg.irl.init == "task" and task_dir is not None and "files" in info:
+        return str(Path(task_dir) / info["files"]["reward"])
     return str(ctx.policy_dir())
 
 
@@ -106,7 +107,7 @@ def update_discriminator(
 
 
 def rl_round(
-    ctx: StageContext, k: int, round_dir: Path, policy: str, disc: str, reference: Path
+    ctx: StageContext, k: int, round_dir: Path, policy: str | Path, disc: str, reference: Path
 ) -> tuple[str, list[dict[str, float]] | None]:
     """`irl.rl_steps` steps of `train_iter` from `policy` against the reward model `disc`, in its own context
     (run dir = round_dir), recorded in metrics.jsonl as stage `irl` steps numbered across rounds; -> (the new
@@ -118,7 +119,7 @@ def rl_round(
             "reference": cfg.reference.model_copy(update={"model": cfg.reference.model or reference}),
         }
     )
-    artifacts = Artifacts(task_dir=ctx.artifacts.task_dir, gold_reward=ctx.artifacts.gold_reward, policy=policy,
+    artifacts = Artifacts(task_dir=ctx.artifacts.task_dir, gold_reward=ctx.artifacts.gold_reward, policy=str(policy),
                           reward=[disc])
     round_ctx = StageContext(cfg=round_cfg, run_dir=round_dir, artifacts=artifacts, log=ctx.log, stop=ctx.stop)
     recorder = Recorder(ctx.run_dir, stage="irl", total_steps=irl.rounds * irl.rl_steps,

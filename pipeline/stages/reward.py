@@ -54,8 +54,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.record(reward=member_dirs)
     summary: dict[str, Any] = {}
     losses = [last_epoch(records, {"loss/rm": "loss"}, k).get("loss") for k in range(members)]
-    if all(x is not None for x in losses):
-        summary["rm/loss"] = sum(losses) / members
+    known = [x for x in losses if x is not None]
+    if len(known) == members:
+        summary["rm/loss"] = sum(known) / members
     test = heldout_rows(ctx, "preferences", init, unsplit="none")
     if test:
         columns = ([r[c] for r in test] for c in ("prompt", "chosen", "rejected"))
@@ -94,8 +95,9 @@ def initial_model(ctx: StageContext) -> Path:
     """`rm.init=task`: the synthetic task's reward model when the run has a task; else the policy (given a new
     one-label head)."""
     info = task_info(ctx)
-    if ctx.cfg.rm.init == "task" and "files" in info:
-        return Path(ctx.artifacts.task_dir) / info["files"]["reward"]
+    task_dir = ctx.artifacts.task_dir
+    if ctx.cfg.rm.init == "task" and task_dir is not None and "files" in info:
+        return Path(task_dir) / info["files"]["reward"]
     return ctx.policy_dir()
 
 
