@@ -28,8 +28,10 @@ test-integration: install  ## integration tests only
 sweep: install  ## the 4-trial KL sweep on the tiny CPU task (configs/sweep_kl.yaml); prints the sweep dir
 	$(VENV)/bin/raylign sweep configs/sweep_kl.yaml
 
-lint: install  ## ruff, and the import rules of STYLE.md (import-linter)
+lint: install  ## ruff check, ruff format --check, mypy, and the import rules of STYLE.md (import-linter)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 clean:  ## remove the venv and caches (runs/ is kept)
