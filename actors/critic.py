@@ -13,21 +13,11 @@ from pathlib import Path
 
 import torch
 
-from actors.engine import (
-    Batch,
-    Dist,
-    TrainEngine,
-    accumulate_update,
-    collective_forwards,
-    mean_metrics,
-    micro_batch_plan,
-    save_hf,
-    start_engine,
-    take,
-    to_device,
-)
 from actors.sequences import LAYOUTS, Layout, choose_layout, lengths_of, token_metrics
+from actors.training.engine import Dist, TrainEngine, save_hf, start_engine
+from actors.training.update import accumulate_update, collective_forwards, mean_metrics, micro_batch_plan
 from pipeline.algo import value_loss
+from pipeline.batches import Batch, take, to_device
 from pipeline.config import AlgoConfig, LearnerConfig
 from pipeline.types import TrainBatch
 

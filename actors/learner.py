@@ -19,24 +19,13 @@ from typing import Any
 import ray
 import torch
 
-from actors.engine import (
-    Batch,
-    Dist,
-    TrainEngine,
-    accumulate_update,
-    collective_forwards,
-    concat_batches,
-    mean_metrics,
-    micro_batch_plan,
-    save_hf,
-    start_engine,
-    take,
-    to_device,
-)
 from actors.sequences import LAYOUTS, Layout, balanced_shards, choose_layout, lengths_of, token_metrics
+from actors.training.engine import Dist, TrainEngine, save_hf, start_engine
+from actors.training.update import accumulate_update, collective_forwards, mean_metrics, micro_batch_plan
 from pipeline.algo import kl_loss, masked_mean, ppo_policy_loss, truncated_is_weights
+from pipeline.batches import Batch, concat_batches, take, to_device
 from pipeline.config import AlgoConfig, LearnerConfig
-from pipeline.types import ExperienceItem, TrainBatch
+from pipeline.types import ExperienceItem, StepShard, TrainBatch
 
 Tensor = torch.Tensor
 
@@ -119,18 +108,14 @@ class PolicyLearner:
         out["timing/learner_step"] = time.perf_counter() - start
         return out
 
-    def attach_stream(self, split: Any, critic: Any = None) -> None:
-        """Take this rank's split of the experience stream (a Ray Data DataIterator; pipeline/stream.py) and,
-        for PPO, the critic rank that trains on the same chunks."""
+    def attach_stream(self, split: Any) -> None:
+        """Take this rank's split of the experience stream (a Ray Data DataIterator; pipeline/stream.py)."""
         self._stream = iter(split.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"))
-        self._critic = critic
 
-    def train_from_stream(self, step: int, n_chunks: int) -> dict[str, Any]:
-        """Take this rank's `n_chunks` chunks of `step` from the stream, start the critic's update on them, and
-        update the policy on them.
-
-        -> {"train": metrics, "chunks": [(experience metrics, stage intervals)] per chunk, "ready": wall-clock
-        time the last chunk arrived, "critic": ref of the critic's metrics or None}."""
+    def take_step(self, step: int, n_chunks: int) -> tuple[TrainBatch, StepShard]:
+        """This rank's `n_chunks` chunks of `step` from its split, joined. -> (the TrainBatch the policy and, for
+        PPO, this rank's critic train on; what the chunks carried besides it). Called with `num_returns=2`, so the
+        driver can hand the batch's ref to both learners without fetching it."""
         items: list[ExperienceItem] = []
         while len(items) < n_chunks:
             block = next(self._stream)
@@ -138,11 +123,8 @@ class PolicyLearner:
         if any(it.step != step for it in items):
             raise RuntimeError(f"experience stream out of step: rank {self.dist.rank} expected step {step}, got "
                                f"chunks of steps {sorted({it.step for it in items})}")
-        ready = time.time()
-        batch = concat_batches([it.train for it in items])
-        critic = self._critic.train_step.remote(batch) if self._critic is not None else None
-        return {"train": self.train_step(batch), "chunks": [(it.metrics, it.times) for it in items],
-                "ready": ready, "critic": critic}
+        shard = StepShard(step, [it.metrics for it in items], [t for it in items for t in it.times], time.time())
+        return concat_batches([it.train for it in items]), shard
 
     def _loss(self, i: int, mb: TrainBatch, first_logprobs: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
         logprobs = self._logprobs(mb)
@@ -271,11 +253,25 @@ class LearnerGroup:
         """Set every rank up together (they rendezvous). -> seconds per rank."""
         return ray.get([a.setup.remote() for a in self.actors])
 
+    def attach_stream(self, splits: list) -> None:
+        """Rank r takes splits[r] of the experience stream (policy learners only)."""
+        ray.get([a.attach_stream.remote(split) for a, split in zip(self.actors, splits, strict=True)])
+
+    def take_step(self, step: int, n_chunks: int) -> tuple[list, list]:
+        """Every rank takes its `n_chunks` chunks of `step` from its split. -> (refs of the ranks' TrainBatches,
+        refs of their StepShards); the batches stay in the object store until a train_step takes them."""
+        refs = [a.take_step.options(num_returns=2).remote(step, n_chunks) for a in self.actors]
+        return [b for b, _ in refs], [s for _, s in refs]
+
+    def train_async(self, shards: list) -> list:
+        """Start `train_step` on every rank, rank r on shards[r] (a TrainBatch or a ref to one; equal sizes).
+        -> a ref of each rank's metrics; `mean_metrics` of them is the group's."""
+        return [a.train_step.remote(s) for a, s in zip(self.actors, shards, strict=True)]
+
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One TrainBatch, split into equal shards with balanced tokens. -> metrics averaged over ranks (maxima
         for `*_max`, sums for `tokens/*`)."""
-        shards = [take(batch, idx) for idx in self._shards(batch)]
-        return mean_metrics(ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards, strict=True)]))
+        return mean_metrics(ray.get(self.train_async([take(batch, idx) for idx in self._shards(batch)])))
 
     def compute_logprobs(self, batch) -> Tensor:
         return self._per_token(batch, [a.compute_logprobs for a in self.actors])

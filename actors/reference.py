@@ -1,7 +1,4 @@
-"""The reference role: per-token logprobs of sampled responses under the frozen reference policy (the KL anchor).
-
-`load_frozen_model` is also how the reward role loads its reward models: frozen models are loaded one way.
-"""
+"""The reference role: per-token logprobs of sampled responses under the frozen reference policy (the KL anchor)."""
 
 from __future__ import annotations
 
@@ -12,28 +9,12 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from actors.engine import set_cpu_threads
+from actors.hf import load_frozen_model, set_cpu_threads
 from actors.sequences import LAYOUTS, Layout, choose_layout, lengths_of, micro_batches
 from pipeline.config import ReferenceConfig
 from pipeline.types import Rollouts
 
 Tensor = torch.Tensor
-
-
-def inference_placement() -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of a frozen model: bf16 on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
-
-
-def load_frozen_model(auto_class: type, model_dir: Path) -> torch.nn.Module:
-    """An HF model (`auto_class.from_pretrained(model_dir)`) in eval mode with gradients off, on its device."""
-    device, dtype = inference_placement()
-    model = auto_class.from_pretrained(model_dir, dtype=dtype).to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 class ReferenceWorker:

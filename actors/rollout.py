@@ -1,5 +1,6 @@
 """The rollout role: sample G responses per prompt from the current policy weights, with per-token logprobs, and
-take new weights in place (actors/weight_sync.py) without restarting the engine.
+take new weights in place without restarting the engine: actors/weight_sync.py sends them, `WeightSyncExtension`
+(below, run inside vLLM's worker) loads them.
 
 Two backends behind one small Protocol, chosen once from `rollout.engine`: vLLM (in-process engine) and
 transformers `generate` (the fallback).
@@ -21,11 +22,10 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from actors.reference import load_frozen_model
-from actors.weight_sync import WeightSyncExtension, WeightUpdate
+from actors.hf import load_frozen_model, pad_token_id
 from pipeline.algo import token_logprobs
 from pipeline.config import RolloutConfig
-from pipeline.types import PromptBatch, Rollouts, pad_left, pad_right
+from pipeline.types import PromptBatch, Rollouts, WeightUpdate, pad_left, pad_right
 
 Tensor = torch.Tensor
 
@@ -48,6 +48,44 @@ class Engine(Protocol):
     def load_weights(self, named_tensors: dict[str, Tensor]) -> None:
         """Overwrite the named weights (HF names) in place; later samples use them."""
         ...
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`LLM(worker_extension_cls=...)`); its methods run on the worker through
+    `llm.collective_rpc(name, ...)`.
+
+    vLLM's worker already owns `update_weights`, `start_weight_update` and `init_weight_transfer_engine` (its
+    NCCL/IPC API) and refuses an extension that redefines them, hence the distinct name."""
+
+    def reload_hf_weights(self, named_tensors: list[tuple[str, Tensor]]) -> None:
+        # `reload_weights` maps HF names onto vLLM's fused layers and redoes the CPU backend's weight repacking;
+        # calling `model_runner.model.load_weights` directly fails on CPU for exactly that repacking.
+        self.reload_weights(weights_iterator=iter(named_tensors))
+        repack_tied_layers(self.model_runner.get_model())
+
+
+def repack_tied_layers(model: torch.nn.Module) -> list[str]:
+    """Rebuild the CPU GEMM kernels of layers whose weight is tied to another layer's; returns their names.
+
+    On CPU, vLLM packs a copy of each linear weight (`layer.cpu_linear`) after loading. A tied `lm_head` shares
+    `embed_tokens.weight`, so an in-place reload updates the shared tensor through the embedding but never
+    processes the head (no checkpoint name maps to it): its packed copy, which computes every logit, keeps the
+    first weights. Re-running the head's weight processing repacks it from the shared tensor. No-op on GPU."""
+    layers_by_weight: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            layers_by_weight.setdefault(id(weight), []).append((name, module))
+    repacked = []
+    for layers in layers_by_weight.values():
+        if len(layers) < 2:
+            continue
+        for name, module in layers:
+            method = getattr(module, "quant_method", None)
+            if hasattr(module, "cpu_linear") and method is not None:
+                method.process_weights_after_loading(module)
+                repacked.append(name)
+    return repacked
 
 
 class VLLMEngine:
@@ -195,11 +233,6 @@ class HFEngine:
 
 
 ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "hf": HFEngine}
-
-
-def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id that pads prompts and responses: the tokenizer's pad token, else EOS (many HF models have none)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 class RolloutWorker:

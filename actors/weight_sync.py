@@ -3,7 +3,7 @@
 One entry point, `broadcast_weights(named_tensors, version, rollout_actors)`, with the transport chosen by where
 the tensors live:
 - CPU: the update goes once into the Ray object store and every rollout actor reloads it in place
-  (vLLM's `reload_weights` via `WeightSyncExtension`, or `load_state_dict` for the HF backend).
+  (vLLM's `reload_weights` via the rollout's `WeightSyncExtension`, or `load_state_dict` for the HF backend).
 - GPU: vLLM's NCCL weight-transfer engine broadcasts straight from the learner's GPU into the engines' GPUs
   (vLLM 0.32's `NCCLTrainerWeightTransferEngine`; its status is in docs/gpu.md).
 
@@ -15,59 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 
+from pipeline.types import WeightUpdate
+
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class WeightUpdate:
-    """Full or partial policy weights, in HF (checkpoint) names, on CPU."""
-
-    version: int  # version of the learner's policy after the optimizer step that produced these weights
-    named_tensors: dict[str, Tensor]  # HF parameter name -> tensor, e.g. "model.layers.0.self_attn.q_proj.weight"
-
-
-class WeightSyncExtension:
-    """Mixed into vLLM's worker class (`LLM(worker_extension_cls=...)`); its methods run on the worker through
-    `llm.collective_rpc(name, ...)`.
-
-    vLLM's worker already owns `update_weights`, `start_weight_update` and `init_weight_transfer_engine` (its
-    NCCL/IPC API) and refuses an extension that redefines them, hence the distinct name."""
-
-    def reload_hf_weights(self, named_tensors: list[tuple[str, Tensor]]) -> None:
-        # `reload_weights` maps HF names onto vLLM's fused layers and redoes the CPU backend's weight repacking;
-        # calling `model_runner.model.load_weights` directly fails on CPU for exactly that repacking.
-        self.reload_weights(weights_iterator=iter(named_tensors))
-        repack_tied_layers(self.model_runner.get_model())
-
-
-def repack_tied_layers(model: torch.nn.Module) -> list[str]:
-    """Rebuild the CPU GEMM kernels of layers whose weight is tied to another layer's; returns their names.
-
-    On CPU, vLLM packs a copy of each linear weight (`layer.cpu_linear`) after loading. A tied `lm_head` shares
-    `embed_tokens.weight`, so an in-place reload updates the shared tensor through the embedding but never
-    processes the head (no checkpoint name maps to it): its packed copy, which computes every logit, keeps the
-    first weights. Re-running the head's weight processing repacks it from the shared tensor. No-op on GPU."""
-    layers_by_weight: dict[int, list[tuple[str, torch.nn.Module]]] = {}
-    for name, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if weight is not None:
-            layers_by_weight.setdefault(id(weight), []).append((name, module))
-    repacked = []
-    for layers in layers_by_weight.values():
-        if len(layers) < 2:
-            continue
-        for name, module in layers:
-            method = getattr(module, "quant_method", None)
-            if hasattr(module, "cpu_linear") and method is not None:
-                method.process_weights_after_loading(module)
-                repacked.append(name)
-    return repacked
 
 
 class WeightBoard:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.engine import shard
 from actors.reward import gold_scores
 from pipeline.algo import (
     ADVANTAGES,
@@ -24,6 +23,7 @@ from pipeline.algo import (
     reinforce_pp_advantages,
     shaped_token_rewards,
 )
+from pipeline.batches import shard
 from pipeline.config import AlgoConfig
 from pipeline.types import Rollouts, TrainBatch, pad_left, pad_right
 

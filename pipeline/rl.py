@@ -244,16 +244,16 @@ def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Itera
                 positions.append(prompt_stream.position())
             position = positions.popleft()
             timer.charge("data")
-            # step 2. every learner rank takes its chunks of this step from its split, then updates (PPO: the
-            # critic too); the wait for the chunks is split among the stream's stages
-            metrics, intervals, ready = roles.train(step)
-            ready = max(ready, timer.mark)  # async: it may have been waiting before the step began
-            timer.charge_split(stage_seconds(intervals, timer.mark, ready), until=ready)
+            # step 2. every learner rank takes its chunks of this step from its split, then the policy ranks and
+            # (PPO) the critic ranks update on them; the wait for the chunks is split among the stream's stages
+            trained = roles.train(step)
+            ready = max(trained.ready, timer.mark)  # async: it may have been waiting before the step began
+            timer.charge_split(stage_seconds(trained.intervals, timer.mark, ready), until=ready)
             timer.charge("train")
             # step 3. the new weights to every rollout engine
             timer.call("sync", roles.sync, step)
             # step 4. KL controller and the step's metrics
-            metrics = {**metrics, "kl/coef": kl_ctl.coef}
+            metrics = {**trained.metrics, "kl/coef": kl_ctl.coef}
             bad = sorted(k.removeprefix("bad/") for k in metrics if k.startswith("bad/") and k != "bad/skipped")
             bad_in_a_row = bad_in_a_row + 1 if bad else 0
             if not bad:

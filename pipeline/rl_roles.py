@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,12 @@ import ray
 import torch
 
 from actors.critic import ValueLearner
-from actors.engine import core_share, mean_metrics
+from actors.hf import core_share
 from actors.learner import LearnerGroup, PolicyLearner
 from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
+from actors.training.update import mean_metrics
 from actors.weight_sync import WeightBoard, broadcast_weights
 from cluster.plan import plan, release, reserve, resolve_device, spawn
 from pipeline import checkpoint
@@ -80,6 +82,15 @@ def check_mismatch(step: int, metrics: dict[str, float], cfg: RolloutConfig) -> 
     return f"warning: {what} (rollout.on_mismatch=error stops the run instead)"
 
 
+@dataclass(frozen=True)
+class TrainedStep:
+    """What the learners' update of one step gives the loop."""
+
+    metrics: dict[str, float]  # policy (and `critic/*`) train metrics, experience metrics, `faults/restarts`
+    intervals: list[tuple[str, float, float]]  # (stage, start, end) wall clock of the step's chunks in the stream
+    ready: float  # wall-clock time the last learner rank had its chunks
+
+
 class Roles:
     def __init__(self, cfg: Config, ctx: StageContext):
         self.cfg = cfg
@@ -126,13 +137,12 @@ class Roles:
         return roles
 
     def open_stream(self) -> None:
-        """Build the experience stream and hand each learner rank its split (and its critic rank, for PPO)."""
+        """Build the experience stream and hand each policy learner rank its split."""
         critics = self.critic.actors if self.critic is not None else []
         self.stream = ExperienceStream(rollouts=self.rollouts, rewards=self.rewards, references=self.references,
                                        critics=critics, algo=self.cfg.algo, gold_reward=self.gold_reward,
                                        num_splits=len(self.learners.actors))
-        ray.get([a.attach_stream.remote(split, critics[r] if critics else None)
-                 for r, (a, split) in enumerate(zip(self.learners.actors, self.stream.splits, strict=True))])
+        self.learners.attach_stream(self.stream.splits)
 
     def feed(self, step: int, prompts: list[str], *, seed: int, kl_coef: float) -> None:
         """Queue a step's prompts into the stream: from here they sample, score and take reference logprobs."""
@@ -140,21 +150,22 @@ class Roles:
         self.chunks = self.stream.put(step, prompts, samples_per_prompt=r.samples_per_prompt,
                                       chunk_size=r.chunk_size, seed=seed, kl_coef=kl_coef)
 
-    def train(self, step: int) -> tuple[dict[str, float], list[tuple[str, float, float]], float]:
-        """Every learner rank takes its share of `step`'s chunks from the stream and updates (the critic too).
-        -> (train and experience metrics, the chunks' stage intervals, wall time the last chunk arrived)."""
-        per_rank = self.chunks // len(self.learners.actors)
-        results = get_all([a.train_from_stream.remote(step, per_rank) for a in self.learners.actors])
-        metrics = mean_metrics([r["train"] for r in results])
-        if self.critic is not None:
-            critic = mean_metrics(ray.get([r["critic"] for r in results]))
-            metrics.update({f"critic/{k}": v for k, v in critic.items()})
-        chunks = [c for r in results for c in r["chunks"]]
-        metrics.update(combine_metrics([m for m, _ in chunks]))
+    def train(self, step: int) -> TrainedStep:
+        """Every policy learner rank takes its share of `step`'s chunks from the stream; the policy ranks and (PPO)
+        the critic ranks then update on those batches at the same time, rank r of each on rank r's batch."""
+        batches, shard_refs = self.learners.take_step(step, self.chunks // len(self.learners.actors))
+        policy = self.learners.train_async(batches)
+        critic = self.critic.train_async(batches) if self.critic is not None else []
+        results = get_all(policy + critic)
+        shards = ray.get(shard_refs)  # done: each train_step waited for its rank's batch
+        metrics = mean_metrics(results[: len(policy)])
+        if critic:
+            metrics.update({f"critic/{k}": v for k, v in mean_metrics(results[len(policy) :]).items()})
+        metrics.update(combine_metrics([m for s in shards for m in s.experience]))
         metrics["faults/restarts"] = float(self.restarts_before + self.restarts())
         if warning := check_mismatch(step, metrics, self.cfg.rollout):
             self.log(warning)
-        return metrics, [t for _, times in chunks for t in times], max(r["ready"] for r in results)
+        return TrainedStep(metrics, [t for s in shards for t in s.intervals], max(s.ready for s in shards))
 
     def restarts(self) -> int:
         """Rollout, reward and reference actors Ray restarted in this attempt (counted when they set up again)."""

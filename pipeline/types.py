@@ -80,6 +80,17 @@ class ExperienceItem:
     times: list[tuple[str, float, float]] = field(default_factory=list)
 
 
+
+@dataclass(frozen=True)
+class StepShard:
+    """What one learner rank took from its split of the experience stream for a step, besides the TrainBatch it
+    made of the chunks (`PolicyLearner.take_step`)."""
+
+    step: int
+    experience: list[dict[str, float]]  # each chunk's experience metrics (pipeline/experience.py)
+    intervals: list[tuple[str, float, float]]  # (stage, start, end) wall clock of the chunks' stream stages
+    ready: float  # wall-clock time the last chunk arrived
+
 # --- what the RL loop yields (pipeline.rl.train_iter); pipeline/recorder.py is the one place that records them ---
 
 
@@ -128,3 +139,11 @@ def pad_left(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     """Ragged token rows -> (ids [B, Tp], mask [B, Tp]) padded on the left, so every prompt ends at column Tp-1."""
     ids, mask = pad_right([r[::-1] for r in rows], pad, torch.long)
     return ids.flip(1), mask.flip(1)
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """Full or partial policy weights, in HF (checkpoint) names, on CPU."""
+
+    version: int  # version of the learner's policy after the optimizer step that produced these weights
+    named_tensors: dict[str, Tensor]  # HF parameter name -> tensor, e.g. "model.layers.0.self_attn.q_proj.weight"

@@ -1,31 +1,22 @@
-"""Training engines for the learners (DeepSpeed ZeRO 0-3, or plain torch) behind one Protocol, and the batch
-plumbing they share: equal shards per rank, micro-batches, and one optimizer update accumulated so that it equals
-the single-process full-batch update whatever the micro-batch size, rank count or sequence lengths.
+"""Training engines for the learners (DeepSpeed ZeRO 0-3, or plain torch) behind one Protocol, chosen once in
+`build_engine`; joining the process group, and writing an HF dir from an engine. The update they run is in
+actors/training/update.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from actors.sequences import Layout, lengths_of, micro_batches, split_to
+from actors.hf import set_cpu_threads
 from pipeline.config import LearnerConfig
 
 Tensor = torch.Tensor
-Batch = TypeVar("Batch")  # a dataclass of per-sequence fields: TrainBatch, or Rollouts for compute_logprobs
-
-# How many "units" each loss aggregation averages over: a micro-batch's loss weighs units_mb / units_step.
-AGG_UNITS: dict[str, Callable[[Tensor], Tensor]] = {
-    "token-mean": lambda mask: mask.sum(),
-    "seq-mean-token-sum": lambda mask: mask.any(dim=-1).sum(),
-    "seq-mean-token-mean": lambda mask: mask.any(dim=-1).sum(),
-}
 
 
 class TrainEngine(Protocol):
@@ -70,23 +61,6 @@ def build_engine(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = DeepSpeedEngine if cfg.backend == "deepspeed" else TorchEngine
     return engine(cfg, model, rank, world_size)
-
-
-def set_cpu_threads(threads: int, ranks: int) -> int:
-    """Give this process `threads` torch threads when it trains on CPU (0: the cores it may run on / `ranks`, the
-    processes that train at the same time, at least 1). -> the count. Ray starts an actor with OMP_NUM_THREADS =
-    its logical CPUs, 1 for a learner: on a CPU machine that leaves every other core idle while the learner
-    trains, since in on-policy mode nothing else runs then (README, benchmarks: TRL's trainer uses every core)."""
-    if torch.cuda.is_available():
-        return torch.get_num_threads()
-    n = threads or core_share(ranks)
-    torch.set_num_threads(n)
-    return n
-
-
-def core_share(processes: int) -> int:
-    """The cores this process may run on, split among `processes` that compute at the same time (at least 1)."""
-    return max(1, len(os.sched_getaffinity(0)) // processes)
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -257,111 +231,6 @@ class TorchEngine:
         self.steps = state["steps"]
 
 
-def rows(batch: Batch, start: int, stop: int) -> Batch:
-    """Sequences [start, stop) of a batch dataclass: every tensor and list field is sliced on dim 0."""
-    return map_fields(batch, lambda v: v[start:stop])
-
-
-def take(batch: Batch, index: Tensor) -> Batch:
-    """The sequences `index` [b] (long, in that order) of a batch dataclass."""
-    picked = index.tolist()
-    return map_fields(batch, lambda v: v[index.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in picked])
-
-
-def map_fields(batch: Batch, fn: Callable[[Any], Any]) -> Batch:
-    """Apply fn to every per-sequence field (tensor or list) of a batch dataclass; scalars are kept."""
-    changes = {}
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor | list):
-            changes[f.name] = fn(value)
-    return dataclasses.replace(batch, **changes)
-
-
-def shard(batch: Batch, world_size: int) -> list[Batch]:
-    """Split a batch into `world_size` equal, contiguous shards (one per rank).
-
-    Equal shards keep every rank at the same number of forward/backward passes, which ZeRO-3 needs: its
-    parameter all-gathers are collectives."""
-    n = len(batch)
-    if n % world_size:
-        raise ValueError(f"batch of {n} sequences does not split into {world_size} equal learner shards")
-    size = n // world_size
-    return [rows(batch, r * size, (r + 1) * size) for r in range(world_size)]
-
-
-def concat_batches(batches: list[Batch]) -> Batch:
-    """Join batches of one dataclass along dim 0. 2-D tensors of different widths are padded with zeros (False
-    for masks): on the left for `prompt_*` fields, which are left-padded, on the right otherwise. Scalars and
-    None fields come from the first batch."""
-    changes = {}
-    for f in dataclasses.fields(batches[0]):
-        values = [getattr(b, f.name) for b in batches]
-        if isinstance(values[0], list):
-            changes[f.name] = [x for v in values for x in v]
-        elif isinstance(values[0], Tensor):
-            width = max(v.shape[1] for v in values) if values[0].dim() == 2 else 0
-            left = f.name.startswith("prompt_")
-            pad = [torch.nn.functional.pad(v, (width - v.shape[1], 0) if left else (0, width - v.shape[1]))
-                   if v.dim() == 2 else v for v in values]
-            changes[f.name] = torch.cat(pad)
-    return dataclasses.replace(batches[0], **changes)
-
-
-def global_sum(x: Tensor, world_size: int) -> Tensor:
-    """Sum of a scalar over all ranks (x itself when there is one rank)."""
-    if world_size > 1:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-    return x
-
-
-def global_max(x: int, world_size: int, device: torch.device) -> int:
-    """Largest x over all ranks (x itself when there is one rank): a collective, so every rank must call it."""
-    if world_size == 1:
-        return x
-    t = torch.tensor(float(x), device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
-
-
-def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on some rank: one all-reduce, so every rank must call it."""
-    return bool(global_sum(torch.tensor(float(flag), device=device), world_size).item() > 0)
-
-
-INPUTS = ("reward", "logprobs")  # what nonfinite_input names
-
-
-def nonfinite_input(batch: Batch) -> str | None:
-    """`reward` when the advantages or returns (made from the rewards) hold NaN or inf, `logprobs` when another
-    float field does; None when all are finite."""
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            return "reward" if f.name in ("advantages", "returns") else "logprobs"
-    return None
-
-
-SUMMED = "tokens/"  # metric keys that count work (tokens/real, tokens/computed): ranks' counts add up
-
-
-def mean_metrics(metrics: list[dict[str, float]], weights: list[float] | None = None) -> dict[str, float]:
-    """(Weighted) mean of each key over the dicts; keys ending in `_max` take the max, keys under `tokens/` are
-    counts and add up."""
-    weights = [1.0] * len(metrics) if weights is None else weights
-    total = sum(weights) or 1.0
-    out = {}
-    for key in metrics[0]:
-        if key.endswith("_max"):
-            out[key] = max(m[key] for m in metrics)
-        elif key.startswith(SUMMED):
-            out[key] = sum(m[key] for m in metrics)
-        else:
-            out[key] = sum(w * m[key] for m, w in zip(metrics, weights, strict=True)) / total
-    return out
-
-
 class Dist(NamedTuple):
     """Where a learner sits in its process group."""
 
@@ -388,67 +257,3 @@ def save_hf(engine: TrainEngine, rank: int, model_dir: Path, out_dir: Path) -> N
     if rank == 0:
         engine.module.save_pretrained(out_dir, state_dict=dict(weights))
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
-
-
-def micro_batch_plan(batch, cfg: LearnerConfig, layout: Layout, world_size: int, device: torch.device, *,
-                     sync: bool) -> list[Tensor]:
-    """This rank's micro-batches of `batch` (index tensors): `cfg.micro_batch_size` sequences each, or up to
-    `cfg.max_tokens_per_micro_batch` tokens as `layout` computes them. sync (a collective): as many micro-batches
-    as the rank with the most, since ranks meet in a collective per micro-batch (accumulate_update, ZeRO-3)."""
-    lengths = lengths_of(batch.prompt_mask, batch.response_mask)
-    budget = cfg.max_tokens_per_micro_batch
-    plan = micro_batches(lengths, rows=cfg.micro_batch_size, max_tokens=budget, tokens=layout.tokens)
-    if sync and budget is not None:  # row counts give equal shards the same number already
-        plan = split_to(plan, global_max(len(plan), world_size, device), lengths, layout.tokens)
-    return plan
-
-
-def collective_forwards(cfg: LearnerConfig, world_size: int) -> bool:
-    """Whether a forward pass is a collective (ZeRO-3 gathers the parameters), so ranks must run as many."""
-    return cfg.backend == "deepspeed" and cfg.zero_stage == 3 and world_size > 1
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return map_fields(batch, lambda v: v.to(device) if isinstance(v, Tensor) else v)
-
-
-def accumulate_update(
-    engine: TrainEngine,
-    batch: Batch,
-    *,
-    micro_batch_size: int | None = None,
-    plan: list[Tensor] | None = None,
-    agg: str,
-    world_size: int,
-    loss_fn: Callable[[int, Batch], tuple[Tensor, dict[str, float]]],
-) -> dict[str, float]:
-    """One optimizer update over `batch`, in micro-batches: the index tensors of `plan` (every rank the same
-    number of them), or else consecutive runs of `micro_batch_size` sequences. -> metrics (`grad_norm`
-    included), weighted like the loss, so `loss/*` is this rank's whole-batch loss.
-
-    loss_fn(i, micro_batch) returns the micro-batch loss aggregated with `agg`. It is weighted by the
-    micro-batch's share of the step's units (tokens or sequences, summed over ranks) times world_size,
-    because the engine averages gradients over ranks: the sum is the gradient of the full-batch loss, however
-    the sequences are grouped into micro-batches."""
-    bad = nonfinite_input(batch)
-    flags = global_sum(torch.tensor([float(bad == q) for q in INPUTS], device=engine.device), world_size)
-    if flags.sum().item() > 0:  # every rank skips, naming what some rank found
-        return {f"bad/{q}": 1.0 for q, f in zip(INPUTS, flags.tolist(), strict=True) if f > 0}
-    if plan is None:
-        micro = [rows(batch, s, s + micro_batch_size) for s in range(0, len(batch), micro_batch_size)]
-    else:
-        micro = [take(batch, idx) for idx in plan]
-    units = [float(AGG_UNITS[agg](mb.response_mask)) for mb in micro]
-    total = float(global_sum(torch.tensor(sum(units), dtype=torch.float64, device=engine.device), world_size)) or 1.0
-    metrics = []
-    for i, mb in enumerate(micro):
-        loss, m = loss_fn(i, mb)
-        if any_rank(not torch.isfinite(loss).item(), world_size, engine.device):
-            engine.discard()
-            return {"bad/loss": 1.0}
-        engine.backward(loss * (world_size * units[i] / total))
-        metrics.append(m)
-    out = {**mean_metrics(metrics, units), "grad_norm": engine.step()}
-    if not math.isfinite(out["grad_norm"]):
-        out["bad/grad"] = 1.0
-    return out

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from actors.engine import concat_batches
 from pipeline.algo import gae, grpo_advantages, masked_whiten, reinforce_pp_advantages, rloo_advantages
+from pipeline.batches import concat_batches
 from pipeline.config import AlgoConfig
 from pipeline.experience import (
     Chunk,

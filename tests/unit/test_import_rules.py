@@ -55,3 +55,43 @@ def test_the_driver_entry_points_load_neither_vllm_nor_deepspeed_even_indirectly
 
 def test_the_import_probe_sees_an_indirect_import():
     assert "deepspeed" in heavy_modules_loaded_by("tests.unit.import_probe_planted")
+
+
+# Each module in actors/ is one role; the modules every role shares (HF helpers, sequence forwards) and the
+# training package are not roles. No role module, and nothing in actors/training, imports a role module.
+SHARED = {"__init__", "hf", "sequences"}
+ROLES = sorted(p.stem for p in (REPO / "actors").glob("*.py") if p.stem not in SHARED)
+CHECKED = sorted((REPO / "actors").glob("*.py")) + sorted((REPO / "actors" / "training").rglob("*.py"))
+
+
+def imported_roles(path, roles=ROLES):
+    """The role modules (names in actors/) that the module at `path` imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {n.split(".")[1] for n in names if n.startswith("actors.") and n.split(".")[1] in roles}
+    return found - {path.stem if path.parent.name == "actors" else None}
+
+
+# Not roles, on their way out of actors/ (issue 17, item 2): the Ray Train loops and the stages' evaluations.
+PENDING = {"offline", "evaluation"}
+
+
+@pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_role_module_imports_another_role_module(path):
+    if path.stem in PENDING and path.parent.name == "actors":
+        pytest.xfail("moves out of actors/ next")
+    assert imported_roles(path) == set()
+
+
+def test_the_role_rule_sees_a_planted_import(tmp_path):
+    bad = tmp_path / "actors" / "rollout.py"
+    bad.parent.mkdir()
+    bad.write_text("import actors.hf\nfrom actors import sequences\n\n\ndef f():\n"
+                   "    from actors.reference import ReferenceWorker\n    from actors import reward\n")
+    assert imported_roles(bad, roles=["reference", "reward", "rollout"]) == {"reference", "reward"}

@@ -8,9 +8,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from actors.critic import ValueLearner
-from actors.engine import shard
 from actors.learner import PolicyLearner
 from pipeline.algo import masked_mean
+from pipeline.batches import shard
 from pipeline.config import AlgoConfig, LearnerConfig
 from pipeline.types import TrainBatch, pad_left, pad_right
 
@@ -165,7 +165,7 @@ def test_non_finite_reward_or_loss_skips_the_update(task_dir, backend):
 def test_learner_threads_default_to_the_cores_shared_among_ranks():
     import os
 
-    from actors.engine import set_cpu_threads
+    from actors.hf import set_cpu_threads
 
     cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
     try:

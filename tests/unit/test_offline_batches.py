@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from actors.engine import rows
 from actors.offline import PAIR_LOSSES, interleave, pair_sequence_batch, score_batch, sequence_batch
 from actors.sequences import response_logprobs
 from pipeline.algo import sft_loss
+from pipeline.batches import rows
 from pipeline.config import DpoConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.stages.offline import check_batch_size, describe, last_epoch

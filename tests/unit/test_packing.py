@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
-from actors.engine import mean_metrics
 from actors.learner import PolicyLearner
 from actors.sequences import (
     LAYOUTS,
@@ -25,6 +24,7 @@ from actors.sequences import (
     padded_tokens,
     split_to,
 )
+from actors.training.update import mean_metrics
 from pipeline.algo import ppo_policy_loss, value_loss
 from pipeline.config import AlgoConfig, KLConfig, LearnerConfig
 from pipeline.tasks.tiny_models import build_causal_lm

@@ -7,9 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.rollout import RolloutWorker
 from actors.sequences import response_logprobs
-from actors.weight_sync import WeightUpdate
 from pipeline.config import RolloutConfig
-from pipeline.types import PromptBatch, Rollouts
+from pipeline.types import PromptBatch, Rollouts, WeightUpdate
 
 MAX_NEW = 12
 

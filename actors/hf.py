@@ -1,0 +1,50 @@
+"""Helpers every role shares to use an HF model: the CPU threads a process computes with, how a frozen model is
+loaded and placed, and the pad id. Role modules import these from here, never from one another.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def set_cpu_threads(threads: int, ranks: int) -> int:
+    """Give this process `threads` torch threads when it trains on CPU (0: the cores it may run on / `ranks`, the
+    processes that train at the same time, at least 1). -> the count. Ray starts an actor with OMP_NUM_THREADS =
+    its logical CPUs, 1 for a learner: on a CPU machine that leaves every other core idle while the learner
+    trains, since in on-policy mode nothing else runs then (README, benchmarks: TRL's trainer uses every core)."""
+    if torch.cuda.is_available():
+        return torch.get_num_threads()
+    n = threads or core_share(ranks)
+    torch.set_num_threads(n)
+    return n
+
+
+def core_share(processes: int) -> int:
+    """The cores this process may run on, split among `processes` that compute at the same time (at least 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // processes)
+
+
+def inference_placement() -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a frozen model: bf16 on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_frozen_model(auto_class: type, model_dir: Path) -> torch.nn.Module:
+    """An HF model (`auto_class.from_pretrained(model_dir)`) in eval mode with gradients off, on its device: how
+    the reference, the reward models, the HF rollout engine and the evaluations load a model they do not train."""
+    device, dtype = inference_placement()
+    model = auto_class.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads prompts and responses: the tokenizer's pad token, else EOS (many HF models have none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,1 @@
+"""Training: the engines (DeepSpeed | plain torch), the accumulated update and collectives the learners share."""
