@@ -34,6 +34,7 @@ from pipeline import checkpoint
 from pipeline.config import Config, SearchSpace, load_config, set_dotted, to_yaml, validate
 from pipeline.errors import ConfigError
 from pipeline.frontier import best_row, key_vs_kl, plot_frontier, result_row, table, write_csv
+from pipeline.progress import EVERY_S, format_seconds
 from pipeline.recorder import Recorder, truncate
 from pipeline.run import Interrupted, new_run_dir, resume_run_dir, run_stages, start_ray, write_summary
 from pipeline.stages import Artifacts, StageContext
@@ -287,15 +288,28 @@ def tuner(cfg: Config, sweep_dir: Path, log):
         tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples,
                                     max_concurrent_trials=sw.max_concurrent, scheduler=scheduler),
         run_config=tune.RunConfig(
-            name=TUNE, storage_path=str(sweep_dir), verbose=0, callbacks=[Progress()],
+            name=TUNE, storage_path=str(sweep_dir), verbose=0, callbacks=[Progress(cfg.run.max_steps)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
     )
 
 
 class Progress(Callback):
-    """One line when a trial starts, ends or fails (Tune's own table is off: verbose=0). Tune pickles its
-    callbacks with the experiment, so this one prints rather than holding a log function."""
+    """One line when a trial starts, ends or fails (Tune's own table is off: verbose=0), and every EVERY_S seconds
+    the trials done / running / left with the RL steps done of all trials'. Tune pickles its callbacks with the
+    experiment, so this one prints rather than holding a log function."""
+
+    def __init__(self, max_steps: int = 0):
+        self.max_steps = max_steps  # run.max_steps: a trial's RL steps, unless ASHA stops it early
+        self.start: tuple[float, int] | None = None  # (time, steps done) when this process first looked
+
+    def on_step_end(self, iteration, trials, **info):
+        now, steps = time.perf_counter(), steps_done(trials, self.max_steps)
+        if self.start is None or self.start[0] > now:  # a restored experiment brings the old process's clock
+            self.start, self.last = (now, steps), now
+        if now - self.last >= EVERY_S:
+            self.last = now
+            print(describe_trials(trials, self.max_steps, now - self.start[0], steps - self.start[1]), flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         print(f"sweep: trial {trial.trial_id} started: {trial.config['params']}", flush=True)
@@ -306,6 +320,25 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"sweep: trial {trial.trial_id} failed: see {trial.path}", flush=True)
+
+
+def steps_done(trials: list, max_steps: int) -> int:
+    """RL steps of all trials: a trial's last reported step; a finished one (ASHA may stop it early) in full."""
+    return sum(max_steps if t.status == "TERMINATED" else (t.last_result or {}).get("step", 0) for t in trials)
+
+
+def describe_trials(trials: list, max_steps: int, elapsed_s: float, steps_in_elapsed: int) -> str:
+    """`sweep: trials 1 done, 2 running, 1 pending (of 4); RL steps 34/80 (42%) 0.31 steps/s eta 2m 28s`."""
+    done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    running = sum(t.status == "RUNNING" for t in trials)
+    line = f"sweep: trials {done} done, {running} running, {len(trials) - done - running} pending (of {len(trials)})"
+    total = max_steps * len(trials)
+    if total:
+        steps = steps_done(trials, max_steps)
+        rate = steps_in_elapsed / elapsed_s if elapsed_s > 0 else 0.0
+        eta = f" eta {format_seconds((total - steps) / rate)}" if rate > 0 and steps < total else ""
+        line += f"; RL steps {steps}/{total} ({100 * steps / total:.0f}%) {rate:.2f} steps/s{eta}"
+    return line
 
 
 def collect_results(cfg: Config, experiment_path: str) -> list[dict[str, Any]]:

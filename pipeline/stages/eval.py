@@ -45,6 +45,7 @@ from pipeline.algo import (
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import plot_best_of_n, plot_calibration, plot_gao
+from pipeline.progress import get_with_progress
 from pipeline.stages.context import StageContext
 from pipeline.stages.heldout import heldout_rows, remote, unique
 from pipeline.stream import CHUNK_SEED_STRIDE
@@ -77,6 +78,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     timing = {}
     with EvalWorkers(cfg, ctx, policy, reference) as workers:
         timing["setup"] = time.perf_counter() - start
+        ctx.log(f"eval: engines ready ({timing['setup']:.0f} s); {ev.samples_per_prompt} samples per prompt from the "
+                f"policy, {max(ev.samples_per_prompt, ev.best_of_n)} from the reference")
         policy_samples, reference_samples = workers.sample(prompts, gold)
         timing["sample"] = time.perf_counter() - start - timing["setup"]
     report: dict[str, Any] = {"policy": str(policy), "reference": str(reference), "prompts": len(prompts),
@@ -86,6 +89,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     report["best_of_n"] = best_of_n_curve(reference_samples, cfg)
     report["gao"] = gao_fits(report["best_of_n"], rl_gold_points(ctx))
     mark = time.perf_counter()
+    if ctx.reward_dirs():
+        ctx.log("eval: the reward model's accuracy and calibration on the held-out pairs")
     report["calibration"] = calibration(ctx)
     timing["calibration"] = time.perf_counter() - mark
     report["timing_s"] = {**timing, "total": time.perf_counter() - start}
@@ -191,6 +196,7 @@ class EvalWorkers:
             )
             policy.append((pol, self._score(pol, c), self._pick(self.references, c).logprobs.remote(pol)))
             reference.append((ref, self._score(ref, c), None))
+        get_with_progress([c[0] for c in policy + reference], self.log, "eval: sampling policy and reference", "chunks")
         return self._collect(policy, len(prompts), gold), self._collect(reference, len(prompts), gold)
 
     @staticmethod
@@ -309,7 +315,7 @@ def calibration(ctx: StageContext) -> dict[str, Any]:
         return {}
     rows = eval_rows(ctx, "preferences", Path(dirs[0]))
     columns = ([r[c] for r in rows] for c in ("prompt", "chosen", "rejected"))
-    margins = remote(preference_margins, dirs, cfg.reward.micro_batch_size, *columns)  # [K, B]
+    margins = remote(preference_margins, dirs, cfg.reward, *columns)  # [K, B]
     margin, disagreement = ensemble_mean_std(margins)
     correct = win_outcomes(margin, torch.zeros_like(margin))
     bins = cfg.eval.calibration_bins

@@ -54,7 +54,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             ctx.log(f"irl: round {k}/{irl.rounds} finished before; skipped")
         else:
             # step 1. the current policy's responses to the demonstrations' prompts
-            samples = policy_samples(cfg.rollout, policy, [d["prompt"] for d in demos], 1, seed=cfg.run.seed + k)
+            samples = policy_samples(cfg.rollout, policy, [d["prompt"] for d in demos], 1, seed=cfg.run.seed + k,
+                                     log=ctx.log, what=f"irl: round {k} sampling the policy")
             # step 2. the discriminator: demonstrations above policy samples
             disc, disc_metrics = update_discriminator(ctx, k, disc, demos, samples)
             # step 3. RL steps against the current reward, from the current policy

@@ -19,6 +19,7 @@ from cluster.plan import resolve_device
 from pipeline.config import RolloutConfig
 from pipeline.data import read_dataset
 from pipeline.errors import ConfigError
+from pipeline.progress import format_seconds, get_with_progress
 from pipeline.stages.context import StageContext
 from pipeline.stages.heldout import quiet, row_check
 from pipeline.types import PromptBatch
@@ -27,13 +28,16 @@ POLL_S = 0.5  # how often the progress printer looks for a finished fit
 
 
 def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_dir, out_dir, **extra) -> OfflineJob:
-    """The job of an offline stage: the `learner` settings with the stage section's (`key`) lr and epochs, its
-    batch size (checked against the worker count) and the run seed."""
+    """The job of an offline stage: the `learner` settings with the stage section's (`key`) lr, epochs and token
+    budget, its batch size (checked against the worker count) and the run seed."""
     section = getattr(ctx.cfg, key)
     check_batch_size(f"{key}.batch_size", section.batch_size, ctx.cfg.learner.num_workers)
     return OfflineJob(
         stage=stage,
-        learner=ctx.cfg.learner.model_copy(update={"lr": section.lr, "epochs": section.epochs}),
+        learner=ctx.cfg.learner.model_copy(
+            update={"lr": section.lr, "epochs": section.epochs,
+                    "max_tokens_per_micro_batch": section.max_tokens_per_micro_batch}
+        ),
         init_dir=str(init_dir),
         tokenizer_dir=str(tokenizer_dir),
         out_dir=str(out_dir),
@@ -141,11 +145,6 @@ def describe_progress(record: dict[str, Any]) -> str:
     return f"{record['stage']}:{member} {epoch} {where} {rate:.2f} updates/s {losses}".rstrip()
 
 
-def format_seconds(s: float) -> str:
-    minutes, seconds = divmod(int(round(s)), 60)
-    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
-
-
 def describe(record: dict[str, Any]) -> str:
     """One progress line: `sft: epoch 1/2 loss/sft 1.234 ... (12 updates, 3.1 s)`."""
     member = f" member {record['member']}" if record["stage"] == "reward" else ""
@@ -157,14 +156,23 @@ def describe(record: dict[str, Any]) -> str:
     )
 
 
+SAMPLING_CALLS = 10  # policy sampling in about this many engine calls: a progress line can come between them
+
+
 def policy_samples(rollout: RolloutConfig, policy: str | Path, prompts: list[str], samples_per_prompt: int, *,
-                   seed: int) -> list[str]:
+                   seed: int, log: Callable[[str], None] | None = None, what: str = "sampling") -> list[str]:
     """`samples_per_prompt` responses per prompt ([P * G], a prompt's consecutive) from a rollout worker on `policy`
-    with the configured engine, as a Ray actor that is gone afterwards."""
+    with the configured engine, as a Ray actor that is gone afterwards. The prompts go in a few chunks of at least
+    `rollout.chunk_size`; prompt i keeps the seed seed + i (vLLM seeds each prompt), so chunking changes nothing."""
     worker = ray.remote(num_cpus=1)(RolloutWorker).remote(rollout, Path(policy), seed=seed)
+    size = max(rollout.chunk_size, -(-len(prompts) // SAMPLING_CALLS))
+    starts = range(0, len(prompts), size)
     try:
         ray.get(worker.setup.remote())
-        return ray.get(worker.generate.remote(PromptBatch(prompts, samples_per_prompt, seed=seed))).responses
+        refs = [worker.generate.remote(PromptBatch(prompts[i : i + size], samples_per_prompt, seed=seed + i))
+                for i in starts]
+        batches = get_with_progress(refs, log, what, "chunks") if log else ray.get(refs)
+        return [r for b in batches for r in b.responses]
     finally:
         ray.kill(worker)
 
@@ -181,7 +189,8 @@ def rated_policy_pairs(ctx: StageContext, policy: Path, pairs_per_prompt: int, *
         raise ConfigError(f"{key}=policy needs the synthetic task's raters: run a `synth` stage first")
     cfg, n = ctx.cfg, pairs_per_prompt
     prompts = [r["prompt"] for r in train_dataset(ctx, "prompts", ctx.tokenizer_dir()).take_all()]
-    samples = policy_samples(cfg.rollout, policy, prompts, 2 * n, seed=cfg.run.seed)  # [P * 2n]
+    samples = policy_samples(cfg.rollout, policy, prompts, 2 * n, seed=cfg.run.seed, log=ctx.log,
+                             what=f"{key}: sampling {policy}")  # [P * 2n]
     pair_prompts = [p for p in prompts for _ in range(n)]
     rows = rate_pairs(pair_prompts, samples[0::2], samples[1::2], temperature=info["label_temperature"],
                       seed=cfg.run.seed)

@@ -1,6 +1,7 @@
 """Progress within an epoch of the offline stages: the update count per epoch and the line a user sees."""
 
-from pipeline.stages.offline import describe_progress, format_seconds, updates_per_epoch
+from pipeline.progress import format_seconds
+from pipeline.stages.offline import describe_progress, updates_per_epoch
 
 
 def test_updates_per_epoch_count_the_last_partial_batch_of_each_equal_shard():
