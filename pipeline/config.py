@@ -150,6 +150,19 @@ class RewardConfig(Section):
     ensemble_size: int = Field(1, ge=1, description="Reward models trained in the `reward` stage (K).")
     uncertainty_penalty: float = Field(0.0, ge=0, description="RL reward = ensemble mean - this * ensemble std.")
     micro_batch_size: int = Field(32, ge=1, description="Sequences per reward-model forward pass.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget of one reward-model scoring forward pass, in place of micro_batch_size: sequences "
+        "go longest first into the first micro-batch with room (counted as packed, or padded when packing is off); "
+        "None: micro_batch_size sequences each.",
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free reward-model scoring: a micro-batch's sequences concatenated in one row, positions "
+        "restarting per sequence, the score head read at each one's last token. Falls back to padded rows, with one "
+        "log line, when the model fails the check at load (packed and padded scores of a probe batch must agree).",
+    )
     num_workers: int = Field(1, ge=1, description="Reward-scoring actors.")
 
     DEFAULT_WEIGHT: ClassVar[float] = 1.0  # weight of a configured source that `weights` does not list
@@ -217,8 +230,8 @@ class LearnerConfig(Section):
     )
     packing: bool = Field(
         True,
-        description="RL policy learner and critic: padding-free forwards, a micro-batch's sequences concatenated in "
-        "one row with positions restarting per sequence. Falls back to padded rows, with one log line, when the "
+        description="RL policy learner and critic, and the sft, rm, dpo and irl training: padding-free forwards, a "
+        "micro-batch's sequences concatenated in one row with positions restarting per sequence. Falls back to padded rows, with one log line, when the "
         "model fails the check at setup (packed and padded outputs of a probe batch must agree).",
     )
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
@@ -361,6 +374,18 @@ def offline_batch_size(*, rows: str) -> Any:
     return Field(32, ge=1, description=f"{rows} per optimizer update, over all workers together.")
 
 
+def offline_max_tokens() -> Any:
+    """`max_tokens_per_micro_batch` of an offline stage: it takes the place of learner.max_tokens_per_micro_batch in
+    the stage's engine (learner.packing chooses the layout whose tokens it counts)."""
+    return Field(
+        None,
+        ge=1,
+        description="Token budget of one forward/backward, in place of learner.micro_batch_size: rows go longest "
+        "first into the first micro-batch with room (a pair's two rows together; counted as packed, or padded when "
+        "learner.packing is off); loss weights stay over the whole update. None: learner.micro_batch_size rows each.",
+    )
+
+
 def offline_max_failures() -> Any:
     return Field(
         1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
@@ -374,6 +399,7 @@ class SftConfig(Section):
     lr: float = offline_lr(1e-3, of="supervised fine-tuning")
     epochs: int = offline_epochs(4, over="the training demonstrations")
     batch_size: int = offline_batch_size(rows="Demonstrations")
+    max_tokens_per_micro_batch: int | None = offline_max_tokens()
     max_failures: int = offline_max_failures()
     eval_samples: int = Field(4, ge=1, description="Responses sampled per held-out prompt for sft/gold_reward.")
 
@@ -390,6 +416,7 @@ class RewardTrainConfig(Section):
     lr: float = offline_lr(3e-4, of="reward-model training")
     epochs: int = offline_epochs(2, over="the training preference pairs, per ensemble member")
     batch_size: int = offline_batch_size(rows="Preference pairs")
+    max_tokens_per_micro_batch: int | None = offline_max_tokens()
     bootstrap: bool = Field(
         False, description="Train each ensemble member on a bootstrap resample (Poisson(1) copies of each pair)."
     )
@@ -400,6 +427,11 @@ class RewardTrainConfig(Section):
         "InstructGPT's labellers rated its SFT model's samples); `both`: the two together.",
     )
     policy_pairs_per_prompt: int = Field(8, ge=1, description="pairs=policy/both: sample pairs labelled per prompt.")
+    demonstration_pairs: bool = Field(
+        False, description="Also train on (demonstration, policy sample) pairs, the demonstration preferred: one per "
+        "row of data.demos' train split, the sample drawn from the policy before the stage (the irl stage's first "
+        "round as extra preferences), so one reward model learns from preferences and demonstrations together.",
+    )
     max_failures: int = offline_max_failures()
 
 
@@ -417,6 +449,7 @@ class DpoConfig(Section):
     lr: float = offline_lr(1e-5, of="DPO")
     epochs: int = offline_epochs(1, over="the training preference pairs")
     batch_size: int = offline_batch_size(rows="Preference pairs")
+    max_tokens_per_micro_batch: int | None = offline_max_tokens()
     max_failures: int = offline_max_failures()
     eval_samples: int = Field(4, ge=1, description="Sample pairs per held-out prompt for dpo/gold_win_rate.")
     pairs: Literal["data", "policy"] = Field(
@@ -481,9 +514,19 @@ class IrlConfig(Section):
         description="Start the discriminator from `policy`: the policy before the stage with a new one-label head, "
         "or `task`: the synthetic task's random-init reward model. Later rounds continue from the last round's.",
     )
+    replay_rounds: int = Field(
+        3, ge=0, description="The discriminator also sees policy samples of up to this many earlier rounds (one per "
+        "demonstration, from a random earlier round, next to this round's): the policy cannot go back to an old "
+        "exploit. 0: this round's samples only."
+    )
+    standardize_reward: bool = Field(
+        True, description="Each round's RL reward is the discriminator's score divided by its std on that round's "
+        "demonstrations and policy samples, so a sharper discriminator does not outweigh the KL leash."
+    )
     lr: float = offline_lr(3e-4, of="the discriminator")
     epochs: int = offline_epochs(1, over="one round's (demonstration, policy sample) pairs")
     batch_size: int = offline_batch_size(rows="(demonstration, sample) pairs")
+    max_tokens_per_micro_batch: int | None = offline_max_tokens()
     max_failures: int = offline_max_failures()
 
 

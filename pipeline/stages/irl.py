@@ -28,16 +28,27 @@ from typing import Any
 import ray
 
 from actors.offline import reward_loop
+from actors.reward import ModelScorer
 from pipeline import checkpoint
+from pipeline.config import Config, RewardConfig
 from pipeline.metrics import plot_metrics
 from pipeline.recorder import Recorder, read_events
 from pipeline.rl import train_iter
 from pipeline.stages.context import Artifacts, StageContext
-from pipeline.stages.heldout import quiet
-from pipeline.stages.offline import fit, last_epoch, offline_job, policy_samples, task_info, train_dataset
+from pipeline.stages.heldout import quiet, remote
+from pipeline.stages.offline import (
+    demonstration_pairs,
+    fit,
+    last_epoch,
+    offline_job,
+    policy_samples,
+    task_info,
+    train_dataset,
+)
 from pipeline.types import EvalRow, StepRow
 
-ROUND = "round.json"  # written when a round finished: {"policy", "reward", "evals", "discriminator"}
+ROUND = "round.json"  # written when a round finished: {"policy", "reward", "evals", "discriminator", ...}
+SAMPLES = "samples.json"  # the round's policy samples, one per demonstration in order: later rounds replay them
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -56,13 +67,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
             # step 1. the current policy's responses to the demonstrations' prompts
             samples = policy_samples(cfg.rollout, policy, [d["prompt"] for d in demos], 1, seed=cfg.run.seed + k,
                                      log=ctx.log, what=f"irl: round {k} sampling the policy")
-            # step 2. the discriminator: demonstrations above policy samples
-            disc, disc_metrics = update_discriminator(ctx, k, disc, demos, samples)
-            # step 3. RL steps against the current reward, from the current policy
-            policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, reference)
+            (round_dir / SAMPLES).write_text(json.dumps(samples) + "\n")
+            # step 2. the discriminator: demonstrations above policy samples, this round's and a replay of earlier
+            pairs = demonstration_pairs(demos, samples, earlier_samples(ctx, k, irl.replay_rounds),
+                                        seed=cfg.run.seed + k)
+            disc, disc_metrics = update_discriminator(ctx, k, disc, pairs)
+            # step 3. RL steps against the current reward (standardized on this round's data), from the current policy
+            scale = reward_scale(cfg, disc, demos, samples) if irl.standardize_reward else 1.0
+            policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, reference, scale)
             if evals is None:  # stopped mid-round: a resume continues from the round's last checkpoint
                 return {}
-            done = {"policy": policy_out, "reward": disc, "evals": evals, "discriminator": disc_metrics}
+            done = {"policy": policy_out, "reward": disc, "evals": evals, "discriminator": disc_metrics,
+                    "reward_scale": scale, "kl": last_kl(ctx, k)}
             (round_dir / ROUND).write_text(json.dumps(done, indent=1) + "\n")
         policy, disc = done["policy"], done["reward"]
         rounds.append(done)
@@ -85,14 +101,35 @@ def initial_discriminator(ctx: StageContext) -> str:
     return str(ctx.policy_dir())
 
 
-def update_discriminator(
-    ctx: StageContext, k: int, init: str, demos: list[dict], samples: list[str]
-) -> tuple[str, dict[str, float]]:
-    """Train the reward model from `init` on (demonstration, policy sample) pairs of one prompt each; -> (the new
-    model's dir, its last-epoch metrics)."""
+def earlier_samples(ctx: StageContext, k: int, replay_rounds: int) -> list[list[str]]:
+    """The policy samples of up to `replay_rounds` rounds before round k, newest first."""
+    rounds = range(k - 1, max(0, k - 1 - replay_rounds), -1)
+    return [json.loads((ctx.stage_dir("irl") / f"round-{j}" / SAMPLES).read_text()) for j in rounds]
+
+
+def reward_scale(cfg: Config, disc: str, demos: list[dict], samples: list[str]) -> float:
+    """1 / the std of the new discriminator's scores on this round's demonstrations and policy samples: the RL
+    reward in units of its spread, so a sharper discriminator does not outweigh the fixed KL leash."""
+    prompts = [d["prompt"] for d in demos] * 2
+    responses = [d["response"] for d in demos] + samples
+    std = remote(score_std, cfg.reward, disc, prompts, responses)
+    return 1.0 / max(std, 1e-6)
+
+
+def score_std(reward: RewardConfig, model_dir: str, prompts: list[str], responses: list[str]) -> float:
+    return ModelScorer.from_config(reward, [Path(model_dir)]).score(prompts, responses).double().std().item()
+
+
+def last_kl(ctx: StageContext, k: int) -> float | None:
+    """kl/ref of round k's last RL step (metrics.jsonl)."""
+    steps = [e for e in read_events(ctx.run_dir, "irl", tags={"irl/round": k}) if isinstance(e, StepRow)]
+    return steps[-1].metrics.get("kl/ref") if steps else None
+
+
+def update_discriminator(ctx: StageContext, k: int, init: str, rows: list[dict]) -> tuple[str, dict[str, float]]:
+    """Train the reward model from `init` on (demonstration, policy sample) rows; -> (the new model's dir, its
+    last-epoch metrics)."""
     out = ctx.stage_dir("irl") / f"round-{k}" / "discriminator"
-    pairs = zip(demos, samples, strict=True)
-    rows = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s} for d, s in pairs]
     job = offline_job(
         ctx, "irl", "irl", init_dir=init, tokenizer_dir=init, out_dir=out, pair_loss="discriminator", new_head=k == 1
     )
@@ -103,21 +140,24 @@ def update_discriminator(
             "disc/policy_score": "disc/policy_score"}
     metrics = last_epoch(records, keys)
     ctx.log(f"irl: round {k} discriminator accuracy {metrics.get('disc/accuracy', float('nan')):.3f} "
-            f"(demonstrations vs samples of the current policy)")
+            f"on {len(rows)} (demonstration, policy sample) pairs")
     return str(out / "member-0"), metrics
 
 
 def rl_round(
-    ctx: StageContext, k: int, round_dir: Path, policy: str | Path, disc: str, reference: Path
+    ctx: StageContext, k: int, round_dir: Path, policy: str | Path, disc: str, reference: Path, scale: float = 1.0
 ) -> tuple[str, list[dict[str, float]] | None]:
-    """`irl.rl_steps` steps of `train_iter` from `policy` against the reward model `disc`, in its own context
-    (run dir = round_dir), recorded in metrics.jsonl as stage `irl` steps numbered across rounds; -> (the new
-    policy's dir, the held-out evaluations' metrics before and after; None when stopped before the last step)."""
+    """`irl.rl_steps` steps of `train_iter` from `policy` against the reward model `disc` (times `scale`), in its
+    own context (run dir = round_dir), recorded in metrics.jsonl as stage `irl` steps numbered across rounds; -> (the
+    new policy's dir, the held-out evaluations' metrics before and after; None when stopped before the last step)."""
     cfg, irl = ctx.cfg, ctx.cfg.irl
     round_cfg = cfg.model_copy(
         update={
             "run": cfg.run.model_copy(update={"max_steps": irl.rl_steps}),
             "reference": cfg.reference.model_copy(update={"model": cfg.reference.model or reference}),
+            "reward": cfg.reward.model_copy(
+                update={"weights": {**cfg.reward.weights, "model": cfg.reward.weights.get("model", 1.0) * scale}}
+            ),
         }
     )
     artifacts = Artifacts(task_dir=ctx.artifacts.task_dir, gold_reward=ctx.artifacts.gold_reward, policy=str(policy),
@@ -150,4 +190,6 @@ def irl_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         summary["gold_reward/final"] = last["eval/gold_reward"]
         summary["irl/gold_reward_by_round"] = [r["evals"][-1]["eval/gold_reward"] for r in rounds]
     summary["irl/disc_accuracy_by_round"] = [r["discriminator"].get("disc/accuracy") for r in rounds]
+    summary["irl/kl_by_round"] = [r.get("kl") for r in rounds]
+    summary["irl/reward_scale_by_round"] = [r.get("reward_scale", 1.0) for r in rounds]
     return summary

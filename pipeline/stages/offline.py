@@ -6,6 +6,7 @@ and draw and rate the policy's own samples. Held-out reads and measurements are 
 from __future__ import annotations
 
 import json
+import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -175,6 +176,20 @@ def policy_samples(rollout: RolloutConfig, policy: str | Path, prompts: list[str
         return [r for b in batches for r in b.responses]
     finally:
         ray.kill(worker)
+
+
+def demonstration_pairs(demos: list[dict], samples: list[str], earlier: list[list[str]], *, seed: int) -> list[dict]:
+    """(demonstration, policy sample) rows of one prompt each: every demonstration against this round's sample,
+    and, with earlier rounds, against one sample of a randomly drawn earlier round as well. The replay keeps the
+    discriminator from forgetting what the policy did before, so the policy cannot go back to an old exploit
+    (GAIL's replay of past policies); the pair count stays 2x the demonstrations however many rounds there are."""
+    rows = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s}
+            for d, s in zip(demos, samples, strict=True)]
+    if earlier:
+        rng = random.Random(seed)
+        rows += [{"prompt": d["prompt"], "chosen": d["response"], "rejected": rng.choice(earlier)[i]}
+                 for i, d in enumerate(demos)]
+    return rows
 
 
 def rated_policy_pairs(ctx: StageContext, policy: Path, pairs_per_prompt: int, *, key: str) -> ray.data.Dataset:

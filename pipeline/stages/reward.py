@@ -18,12 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 
 from actors.evaluation import preference_accuracy
 from actors.offline import reward_loop
 from pipeline.stages.context import StageContext
-from pipeline.stages.heldout import heldout_rows, remote
-from pipeline.stages.offline import fit, last_epoch, offline_job, rated_policy_pairs, task_info, train_dataset
+from pipeline.stages.heldout import heldout_rows, quiet, remote
+from pipeline.stages.offline import (
+    demonstration_pairs,
+    fit,
+    last_epoch,
+    offline_job,
+    policy_samples,
+    rated_policy_pairs,
+    task_info,
+    train_dataset,
+)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -60,7 +70,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     test = heldout_rows(ctx, "preferences", init, unsplit="none")
     if test:
         columns = ([r[c] for r in test] for c in ("prompt", "chosen", "rejected"))
-        acc = remote(preference_accuracy, member_dirs, cfg.reward.micro_batch_size, *columns)
+        acc = remote(preference_accuracy, member_dirs, cfg.reward, *columns)
         summary["rm/heldout_accuracy"] = acc["ensemble"]
         summary["rm/heldout_accuracy_members"] = acc["member_mean"]
         ctx.log(
@@ -81,14 +91,32 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def train_pairs(ctx: StageContext, init: Path) -> Any:
     """The training pairs `rm.pairs` asks for: the preferences file's train split, the current policy's own
-    samples rated by the task's raters, or both (a Ray Data union)."""
+    samples rated by the task's raters, or both (a Ray Data union); with `rm.demonstration_pairs`, (demonstration,
+    policy sample) pairs as well."""
     rm, columns = ctx.cfg.rm, ["prompt", "chosen", "rejected"]
-    if rm.pairs == "data":
-        return train_dataset(ctx, "preferences", init)
-    policy = rated_policy_pairs(ctx, ctx.policy_dir(), rm.policy_pairs_per_prompt, key="rm.pairs")
-    if rm.pairs == "policy":
-        return policy
-    return train_dataset(ctx, "preferences", init).select_columns(columns).union(policy.select_columns(columns))
+    parts = []
+    if rm.pairs in ("data", "both"):
+        parts.append(train_dataset(ctx, "preferences", init))
+    if rm.pairs in ("policy", "both"):
+        parts.append(rated_policy_pairs(ctx, ctx.policy_dir(), rm.policy_pairs_per_prompt, key="rm.pairs"))
+    if rm.demonstration_pairs:
+        parts.append(demonstration_dataset(ctx))
+    if len(parts) == 1:
+        return parts[0]
+    first, *rest = (part.select_columns(columns) for part in parts)
+    return first.union(*rest)
+
+
+def demonstration_dataset(ctx: StageContext) -> Any:
+    """(prompt, chosen = demonstration, rejected = a sample of the policy before the stage) for each demonstration
+    of the train split."""
+    cfg = ctx.cfg
+    demos = train_dataset(ctx, "demos", ctx.tokenizer_dir()).take_all()
+    samples = policy_samples(cfg.rollout, ctx.policy_dir(), [d["prompt"] for d in demos], 1, seed=cfg.run.seed,
+                             log=ctx.log, what="rm.demonstration_pairs: sampling the policy")
+    rows = demonstration_pairs(demos, samples, [], seed=cfg.run.seed)
+    ctx.log(f"rm.demonstration_pairs: {len(rows)} (demonstration, policy sample) pairs from {ctx.policy_dir()}")
+    return quiet(ray.data.from_items(rows))
 
 
 def initial_model(ctx: StageContext) -> Path:

@@ -6,6 +6,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.stages import STAGES, stage_function
 from pipeline.stages.irl import irl_summary
+from pipeline.stages.offline import demonstration_pairs
 from tests.conftest import REPO
 
 
@@ -21,6 +22,37 @@ def test_summary_takes_gold_before_the_first_round_and_after_the_last():
     assert summary["irl/gold_reward_by_round"] == [0.5, 0.55, 0.6]
     assert summary["irl/disc_accuracy_by_round"] == [0.9, 0.7, 0.6]
     assert summary["irl/rounds"] == 3
+
+
+def test_the_summary_reports_kl_and_reward_scale_per_round():
+    first, second = round_record(0.4, 0.5, 0.9), round_record(0.5, 0.55, 0.7)
+    first.update(kl=1.5, reward_scale=0.5)
+    second.update(kl=2.5, reward_scale=0.25)
+    summary = irl_summary([first, second])
+    assert summary["irl/kl_by_round"] == [1.5, 2.5]
+    assert summary["irl/reward_scale_by_round"] == [0.5, 0.25]
+
+
+def test_round_one_pairs_each_demonstration_with_its_sample_only():
+    demos = [{"prompt": "p0", "response": "d0"}, {"prompt": "p1", "response": "d1"}]
+    assert demonstration_pairs(demos, ["s0", "s1"], [], seed=0) == [
+        {"prompt": "p0", "chosen": "d0", "rejected": "s0"},
+        {"prompt": "p1", "chosen": "d1", "rejected": "s1"},
+    ]
+
+
+def test_later_rounds_add_one_replayed_sample_per_demonstration_from_an_earlier_round_of_its_prompt():
+    demos = [{"prompt": f"p{i}", "response": f"d{i}"} for i in range(200)]
+    now = [f"now{i}" for i in range(200)]
+    earlier = [[f"r1-{i}" for i in range(200)], [f"r2-{i}" for i in range(200)]]
+    rows = demonstration_pairs(demos, now, earlier, seed=3)
+    assert len(rows) == 400 and rows[:200] == demonstration_pairs(demos, now, [], seed=3)
+    replayed = rows[200:]
+    assert [r["prompt"] for r in replayed] == [d["prompt"] for d in demos]
+    # each replayed sample is that prompt's sample in one of the earlier rounds, both rounds drawn
+    assert all(r["rejected"].split("-")[1] == str(i) for i, r in enumerate(replayed))
+    assert {r["rejected"].split("-")[0] for r in replayed} == {"r1", "r2"}
+    assert demonstration_pairs(demos, now, earlier, seed=3) == rows  # seeded
 
 
 def test_summary_without_a_gold_reward_has_no_gold_keys():
