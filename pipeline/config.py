@@ -507,6 +507,12 @@ class IrlConfig(Section):
     demonstrations' prompts, trains the reward model as a discriminator (demonstrations above policy samples) on
     Ray Train, then runs `rl_steps` RL steps against it. Engine settings not listed here come from `learner`."""
 
+    method: Literal["adversarial", "afd"] = Field(
+        "adversarial",
+        description="`adversarial`: each round samples the current policy and refits the discriminator (GAIL / AIRL); "
+        "`afd`: one reward model from the demonstrations against the initial policy's samples (round 1), then the "
+        "RL steps of every round against it (Sun & van der Schaar 2024, alignment from demonstrations).",
+    )
     rounds: int = Field(3, ge=1, description="Rounds of (sample, discriminator update, RL steps).")
     rl_steps: int = Field(10, ge=1, description="RL steps (policy updates) per round.")
     init: Literal["task", "policy"] = Field(

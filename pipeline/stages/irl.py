@@ -4,9 +4,13 @@
 Each of `irl.rounds` rounds:
   1. sample one response per training demonstration's prompt from the current policy with a rollout worker;
   2. update the reward model as a discriminator, demonstrations above policy samples (`demo_discriminator_loss`,
-     the reward is the discriminator's logit), on Ray Train (actors.offline.reward_loop);
+     the reward is the discriminator's logit), on Ray Train (actors.offline.reward_loop); from round 2 on, each
+     demonstration is also paired with a sample of one of the last `irl.replay_rounds` rounds;
   3. run `irl.rl_steps` RL steps against the current reward with the RL loop (`pipeline.rl.train_iter`), under
-     the KL leash to the policy before the stage (the reference stays fixed across rounds).
+     the KL leash to the policy before the stage (the reference stays fixed across rounds); with
+     `irl.standardize_reward` the reward is divided by its std on the round's demonstrations and samples.
+`irl.method: afd` does steps 1-2 in round 1 only (a reward from demonstrations against the initial policy, Sun &
+van der Schaar 2024) and step 3 in every round.
 
 Round 1 starts the discriminator from `irl.init`; later rounds continue the last one. What differs from the
 papers: the discriminator sees whole responses (one step per episode, as a reward model does), not per-token
@@ -63,10 +67,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
         if (round_dir / ROUND).exists():
             done = json.loads((round_dir / ROUND).read_text())
             ctx.log(f"irl: round {k}/{irl.rounds} finished before; skipped")
+        elif irl.method == "afd" and rounds:
+            # AfD: the reward of round 1 (demonstrations against the initial policy's samples) stays; RL goes on
+            first = rounds[0]
+            policy_out, evals = rl_round(ctx, k, round_dir, policy, first["reward"], reference, first["reward_scale"])
+            if evals is None:
+                return {}
+            done = {**first, "policy": policy_out, "evals": evals, "kl": last_kl(ctx, k)}
+            (round_dir / ROUND).write_text(json.dumps(done, indent=1) + "\n")
         else:
             # step 1. the current policy's responses to the demonstrations' prompts
             samples = policy_samples(cfg.rollout, policy, [d["prompt"] for d in demos], 1, seed=cfg.run.seed + k,
                                      log=ctx.log, what=f"irl: round {k} sampling the policy")
+            round_dir.mkdir(parents=True, exist_ok=True)
             (round_dir / SAMPLES).write_text(json.dumps(samples) + "\n")
             # step 2. the discriminator: demonstrations above policy samples, this round's and a replay of earlier
             pairs = demonstration_pairs(demos, samples, earlier_samples(ctx, k, irl.replay_rounds),

@@ -68,3 +68,10 @@ def test_the_airl_config_runs_the_irl_stage_from_demonstrations_only():
     assert callable(stage_function("irl"))
     with pytest.raises(ConfigError, match="irl.rounds"):
         load_config(None, ["irl.rounds=0"])
+
+
+def test_irl_method_is_adversarial_or_afd():
+    assert load_config(None).irl.method == "adversarial"
+    assert load_config(None, ["irl.method=afd"]).irl.method == "afd"
+    with pytest.raises(ConfigError, match="irl.method"):
+        load_config(None, ["irl.method=gail"])
