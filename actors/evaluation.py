@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from actors.hf import load_frozen_model
 from actors.offline import pair_sequence_batch
-from actors.reference import load_frozen_model
 from actors.reward import ModelScorer, gold_scores
 from actors.rollout import RolloutWorker
 from actors.sequences import response_logprobs
 from pipeline.algo import ensemble_mean_std, pair_accuracy, pair_logprobs
-from pipeline.config import RolloutConfig
+from pipeline.config import RewardConfig, RolloutConfig
 from pipeline.types import PromptBatch
 
 Tensor = torch.Tensor
@@ -35,10 +35,11 @@ def sample_gold(
 
 
 def preference_accuracy(
-    model_dirs: list[str], micro_batch_size: int, prompts: list[str], chosen: list[str], rejected: list[str]
+    model_dirs: list[str], reward: RewardConfig, prompts: list[str], chosen: list[str], rejected: list[str]
 ) -> dict[str, float]:
-    """Held-out accuracy of each of K reward models and of their ensemble mean (the reward RL optimizes)."""
-    scorer = ModelScorer([Path(d) for d in model_dirs], micro_batch_size)
+    """Held-out accuracy of each of K reward models and of their ensemble mean (the reward RL optimizes), scored
+    as `reward` configures the RL stage's scorer (micro-batches, packing)."""
+    scorer = ModelScorer.from_config(reward, [Path(d) for d in model_dirs])
     chosen_scores, rejected_scores = scorer.score(prompts, chosen), scorer.score(prompts, rejected)  # [K, B]
     members = [pair_accuracy(c, r).item() for c, r in zip(chosen_scores, rejected_scores, strict=True)]
     ensemble = pair_accuracy(ensemble_mean_std(chosen_scores)[0], ensemble_mean_std(rejected_scores)[0]).item()
@@ -46,11 +47,11 @@ def preference_accuracy(
 
 
 def preference_margins(
-    model_dirs: list[str], micro_batch_size: int, prompts: list[str], chosen: list[str], rejected: list[str]
+    model_dirs: list[str], reward: RewardConfig, prompts: list[str], chosen: list[str], rejected: list[str]
 ) -> Tensor:
     """reward(chosen) - reward(rejected) of each of K reward models on B labelled pairs: [K, B], scored by the RL
     stage's own scorer."""
-    scorer = ModelScorer([Path(d) for d in model_dirs], micro_batch_size)
+    scorer = ModelScorer.from_config(reward, [Path(d) for d in model_dirs])
     return scorer.score(prompts, chosen) - scorer.score(prompts, rejected)
 
 

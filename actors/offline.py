@@ -9,7 +9,12 @@ its share of each global batch (`batch_size / world_size` rows) and takes one op
 After every epoch each rank saves its part of the engine checkpoint and reports it to Ray Train, which merges the
 parts; a worker group restarted under the FailureConfig resumes from the last one. Rank 0 puts one record per
 epoch on a queue that the driver prints. Pairs (reward, dpo) are interleaved: row 2i is pair i's chosen response,
-row 2i+1 its rejected one, so micro-batches of an even number of rows never split a pair.
+row 2i+1 its rejected one, and a micro-batch plan never splits a pair.
+
+Forwards are padding-free unless learner.packing is off (or the model fails the packing probe): causal LMs (sft,
+dpo) in actors.sequences' packed layout, reward models (reward, irl) in actors.reward's packed rows. Micro-batches
+hold learner.micro_batch_size rows, or up to the stage section's max_tokens_per_micro_batch tokens; the loss is
+weighted over the whole update either way, so the update is the padded, full-batch one.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import ray.train
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from actors.engine import TrainEngine, accumulate_update, build_engine, mean_metrics, save_hf, to_device
-from actors.reference import load_frozen_model
-from actors.reward import reward_model_inputs, reward_model_scores
-from actors.rollout import pad_token_id
-from actors.sequences import response_logprobs
+from actors.hf import load_frozen_model, pad_token_id
+from actors.reward import choose_score_layout, reward_model_inputs, score_lengths
+from actors.sequences import choose_layout, lengths_of, micro_batches, split_to, token_metrics
+from actors.training.engine import TrainEngine, build_engine, save_hf
+from actors.training.update import accumulate_update, global_max, global_sum, mean_metrics
 from pipeline.algo import bt_loss, demo_discriminator_loss, dpo_loss, pair_logprobs, sft_loss
+from pipeline.batches import to_device
 from pipeline.config import DpoConfig, LearnerConfig
 from pipeline.types import pad_left, pad_right
 
@@ -84,6 +90,10 @@ class SequenceBatch:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def lengths(self) -> Tensor:
+        """Real (prompt, response) tokens of each sequence: [B, 2], what the micro-batch plan counts."""
+        return lengths_of(self.prompt_mask, self.response_mask)
+
 
 @dataclass(frozen=True)
 class ScoreBatch:
@@ -99,6 +109,19 @@ class ScoreBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def lengths(self) -> Tensor:
+        """Real tokens of each row: [2B, 1], what the micro-batch plan counts."""
+        return score_lengths(self.attention_mask)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A stage's loss on one engine: loss(i, micro_batch) -> (loss, metrics), and `tokens(lengths) -> int`, the
+    tokens one forward of its layout (packed or padded, actors.sequences / actors.reward) computes."""
+
+    loss: Callable[[int, Any], tuple[Tensor, dict[str, float]]]
+    tokens: Callable[[Tensor], int]
 
 
 # ---- collation: strings -> token tensors (pure, unit-tested) ----
@@ -135,12 +158,8 @@ def sft_loop(config: dict[str, Any]) -> None:
     job: OfflineJob = config["job"]
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
 
-    def loss_fn(engine: TrainEngine) -> Callable:
-        def loss(i: int, mb: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
-            fields = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-            return sft_loss(response_logprobs(engine.model, *fields), mb.response_mask)
-
-        return loss
+    def objective(engine: TrainEngine, quiet: bool) -> Objective:
+        return sft_objective(engine, job.learner.packing, quiet=quiet)
 
     def load() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32)
@@ -148,7 +167,7 @@ def sft_loop(config: dict[str, Any]) -> None:
     def collate(rows: dict) -> SequenceBatch:
         return sequence_batch(tokenizer, list(rows["prompt"]), list(rows["response"]))
 
-    train_member(job, 0, load, collate, loss_fn, agg="token-mean", out_dir=Path(job.out_dir))
+    train_member(job, 0, load, collate, objective, agg="token-mean", out_dir=Path(job.out_dir))
 
 
 def reward_loop(config: dict[str, Any]) -> None:
@@ -165,21 +184,15 @@ def reward_loop(config: dict[str, Any]) -> None:
             redraw_head(model)
         return model
 
-    pair_loss = PAIR_LOSSES[job.pair_loss]
-
-    def loss_fn(engine: TrainEngine) -> Callable:
-        def loss(i: int, mb: ScoreBatch) -> tuple[Tensor, dict[str, float]]:
-            scores = reward_model_scores(engine.model, mb.input_ids, mb.attention_mask)
-            return pair_loss(scores[0::2], scores[1::2])
-
-        return loss
+    def objective(engine: TrainEngine, quiet: bool) -> Objective:
+        return score_objective(engine, job.learner.packing, job.pair_loss, who=job.stage, quiet=quiet)
 
     def collate(rows: dict) -> ScoreBatch:
         return score_batch(tokenizer, list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"]))
 
     for k in range(job.members):
         out = Path(job.out_dir) / f"member-{k}"
-        train_member(job, k, load, collate, loss_fn, agg=PAIR_AGG, out_dir=out, pairs=True)
+        train_member(job, k, load, collate, objective, agg=PAIR_AGG, out_dir=out, pairs=True)
 
 
 def dpo_loop(config: dict[str, Any]) -> None:
@@ -188,22 +201,8 @@ def dpo_loop(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
     reference = load_frozen_model(AutoModelForCausalLM, Path(job.reference_dir))
 
-    def loss_fn(engine: TrainEngine) -> Callable:
-        def loss(i: int, mb: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
-            fields = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-            with torch.no_grad():
-                ref_device = next(reference.parameters()).device
-                ref = response_logprobs(reference, *(f.to(ref_device) for f in fields)).to(engine.device).float()
-            policy = response_logprobs(engine.model, *fields)
-            return dpo_loss(
-                *pair_logprobs(policy, mb.response_mask, dpo.loss_type),
-                *pair_logprobs(ref, mb.response_mask, dpo.loss_type),
-                beta=dpo.beta,
-                loss_type=dpo.loss_type,
-                label_smoothing=dpo.label_smoothing,
-            )
-
-        return loss
+    def objective(engine: TrainEngine, quiet: bool) -> Objective:
+        return dpo_objective(engine, reference, dpo, job.learner.packing, quiet=quiet)
 
     def load() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32)
@@ -211,7 +210,58 @@ def dpo_loop(config: dict[str, Any]) -> None:
     def collate(rows: dict) -> SequenceBatch:
         return pair_sequence_batch(tokenizer, list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"]))
 
-    train_member(job, 0, load, collate, loss_fn, agg=PAIR_AGG, out_dir=Path(job.out_dir), pairs=True)
+    train_member(job, 0, load, collate, objective, agg=PAIR_AGG, out_dir=Path(job.out_dir), pairs=True)
+
+
+# ---- the objectives: each stage's loss on a micro-batch, in the forward layout chosen for its model ----
+
+
+def sft_objective(engine: TrainEngine, packing: bool, *, quiet: bool) -> Objective:
+    """Token-mean negative log-likelihood of the responses (agg token-mean)."""
+    layout = choose_layout(engine.model, engine.module, engine.device, packing, who="sft", quiet=quiet)
+
+    def loss(i: int, mb: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
+        fields = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+        return sft_loss(layout.logprobs(engine.model, *fields), mb.response_mask)
+
+    return Objective(loss, layout.tokens)
+
+
+def score_objective(engine: TrainEngine, packing: bool, pair_loss: str, *, who: str, quiet: bool) -> Objective:
+    """PAIR_LOSSES[pair_loss] of the reward model's scores of interleaved pairs (agg PAIR_AGG)."""
+    layout = choose_score_layout(engine.model, engine.module, engine.device, packing, who=who, quiet=quiet)
+    pair = PAIR_LOSSES[pair_loss]
+
+    def loss(i: int, mb: ScoreBatch) -> tuple[Tensor, dict[str, float]]:
+        scores = layout.scores(engine.model, mb.input_ids, mb.attention_mask)
+        return pair(scores[0::2], scores[1::2])
+
+    return Objective(loss, layout.tokens)
+
+
+def dpo_objective(
+    engine: TrainEngine, reference: torch.nn.Module, dpo: DpoConfig, packing: bool, *, quiet: bool
+) -> Objective:
+    """DPO / IPO of interleaved pairs against the frozen `reference` (agg PAIR_AGG); both models take packed
+    forwards when they pass the packing check."""
+    layout = choose_layout(engine.model, engine.module, engine.device, packing, who="dpo", quiet=quiet)
+    ref_device = next(reference.parameters()).device
+    ref_layout = choose_layout(reference, reference, ref_device, packing, who="dpo reference", quiet=quiet)
+
+    def loss(i: int, mb: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
+        fields = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+        with torch.no_grad():
+            ref = ref_layout.logprobs(reference, *(f.to(ref_device) for f in fields)).to(engine.device).float()
+        policy = layout.logprobs(engine.model, *fields)
+        return dpo_loss(
+            *pair_logprobs(policy, mb.response_mask, dpo.loss_type),
+            *pair_logprobs(ref, mb.response_mask, dpo.loss_type),
+            beta=dpo.beta,
+            loss_type=dpo.loss_type,
+            label_smoothing=dpo.label_smoothing,
+        )
+
+    return Objective(loss, layout.tokens)
 
 
 def redraw_head(model: torch.nn.Module) -> None:
@@ -233,14 +283,15 @@ def train_member(
     member: int,
     load_model: Callable[[], torch.nn.Module],
     collate: Callable[[dict], Any],
-    loss_fn: Callable[[TrainEngine], Callable],
+    objective: Callable[[TrainEngine, bool], Objective],
     *,
     agg: str,
     out_dir: Path,
     pairs: bool = False,
 ) -> None:
     """Train one model for `job.learner.epochs` epochs (resuming after the last reported checkpoint), then have
-    rank 0 export it as an HF dir with the tokenizer."""
+    rank 0 export it as an HF dir with the tokenizer. objective(engine, quiet) gives the loss and the layout's token
+    count (quiet on every rank but the first: one log line should a layout fall back)."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     state, checkpoint = restored_state()
@@ -256,16 +307,14 @@ def train_member(
             engine.load_checkpoint(Path(d) / "engine")
         first_epoch = state["epochs_done"]
     shard = ray.train.get_dataset_shard(job.datasets[member])
-    micro = job.learner.micro_batch_size
-    micro_rows = 2 * max(1, micro // 2) if pairs else micro  # an even number of rows keeps pairs together
-    loss = loss_fn(engine)
+    group = 2 if pairs else 1  # a pair's two rows share a micro-batch: the pair losses read scores[0::2], [1::2]
+    goal = objective(engine, rank > 0)
     total = job.updates_per_epoch[member] if member < len(job.updates_per_epoch) else None
     for epoch in range(first_epoch, job.learner.epochs):
         start, metrics, rows = time.perf_counter(), [], 0
         reported, reported_updates = start, 0
         for batch in epoch_batches(shard, job.batch_size // world, seed=seed * 1000 + epoch):
-            batch = to_device(collate(batch), engine.device)
-            m = accumulate_update(engine, batch, micro_batch_size=micro_rows, agg=agg, world_size=world, loss_fn=loss)
+            m = offline_update(engine, collate(batch), goal, job.learner, world, agg=agg, group=group)
             if any(k.startswith("bad/") for k in m):  # a non-finite batch: skipped on every rank
                 raise FloatingPointError(f"{job.stage}: epoch {epoch + 1}: non-finite {', '.join(m)}; no update made")
             metrics.append(m)
@@ -275,9 +324,19 @@ def train_member(
                 # the rate of the last interval: the first update also pays the engine's and the shard's start
                 rate = (len(metrics) - reported_updates) / (now - reported)
                 reported, reported_updates = now, len(metrics)
-                job.progress.put({"kind": "progress", "stage": job.stage, "member": member, "epoch": epoch + 1,
-                                  "epochs": job.learner.epochs, "updates": len(metrics), "of": total,
-                                  "rate": rate, **mean_metrics(metrics[-10:])})
+                job.progress.put(
+                    {
+                        "kind": "progress",
+                        "stage": job.stage,
+                        "member": member,
+                        "epoch": epoch + 1,
+                        "epochs": job.learner.epochs,
+                        "updates": len(metrics),
+                        "of": total,
+                        "rate": rate,
+                        **mean_metrics(metrics[-10:]),
+                    }
+                )
         record = {
             **mean_metrics(metrics),
             "member": member,
@@ -294,6 +353,67 @@ def train_member(
     save_hf(engine, rank, Path(job.tokenizer_dir), out_dir)
     del engine
     gc.collect()
+
+
+def offline_update(
+    engine: TrainEngine,
+    batch: SequenceBatch | ScoreBatch,
+    goal: Objective,
+    cfg: LearnerConfig,
+    world_size: int,
+    *,
+    agg: str,
+    group: int,
+) -> dict[str, float]:
+    """One optimizer update over this rank's share of a global batch, in the micro-batches of offline_plan, the
+    loss weighted over the whole step (accumulate_update) -> its metrics with the step's token counts."""
+    lengths = batch.lengths()
+    plan = offline_plan(lengths, cfg, goal.tokens, world_size, engine.device, group=group)
+    batch = to_device(batch, engine.device)
+    m = accumulate_update(engine, batch, plan=plan, agg=agg, world_size=world_size, loss_fn=goal.loss)
+    return (
+        m
+        if any(k.startswith("bad/") for k in m)
+        else {**m, **summed_tokens(lengths, plan, goal, world_size, engine.device)}
+    )
+
+
+def offline_plan(
+    lengths: Tensor,
+    cfg: LearnerConfig,
+    tokens: Callable[[Tensor], int],
+    world_size: int,
+    device: torch.device,
+    *,
+    group: int,
+) -> list[Tensor]:
+    """This rank's micro-batches of one update (index tensors over its B rows): `cfg.micro_batch_size` rows each,
+    or up to `cfg.max_tokens_per_micro_batch` tokens by `tokens` (first-fit decreasing, actors.sequences), with
+    as many micro-batches as the rank with the most (a collective). Consecutive runs of `group` rows (a pair) are
+    one unit: never split, counted together.
+
+    lengths: [B, k] real tokens per row (SequenceBatch.lengths: k = 2; ScoreBatch.lengths: k = 1)."""
+    k, budget = lengths.shape[1], cfg.max_tokens_per_micro_batch
+    units = lengths.reshape(len(lengths) // group, group * k)  # one row per unit: its rows' lengths side by side
+
+    def unit_tokens(u: Tensor) -> int:
+        return tokens(u.reshape(-1, k))
+
+    plan = micro_batches(units, rows=max(1, cfg.micro_batch_size // group), max_tokens=budget, tokens=unit_tokens)
+    if budget is not None:  # row counts give every rank's equal batch the same number already
+        plan = split_to(plan, global_max(len(plan), world_size, device), units, unit_tokens)
+    offsets = torch.arange(group)
+    return [(idx[:, None] * group + offsets).reshape(-1) for idx in plan]
+
+
+def summed_tokens(
+    lengths: Tensor, plan: list[Tensor], goal: Objective, world_size: int, device: torch.device
+) -> dict[str, float]:
+    """`tokens/real` and `tokens/computed` (actors.sequences.token_metrics, by the objective's layout) of one
+    update, summed over the ranks."""
+    counts = token_metrics(lengths, plan, goal)
+    total = global_sum(torch.tensor(list(counts.values()), dtype=torch.float64, device=device), world_size)
+    return dict(zip(counts, total.tolist(), strict=True))
 
 
 def join_process_group(cfg: LearnerConfig) -> None:

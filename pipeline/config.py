@@ -159,9 +159,10 @@ class RewardConfig(Section):
     )
     packing: bool = Field(
         True,
-        description="Padding-free reward-model scoring: a micro-batch's sequences concatenated in one row, positions "
-        "restarting per sequence, the score head read at each one's last token. Falls back to padded rows, with one "
-        "log line, when the model fails the check at load (packed and padded scores of a probe batch must agree).",
+        description="Padding-free reward-model scoring and training (rm, irl): a micro-batch's sequences concatenated "
+        "into a few rows of at most 256 tokens, positions restarting per sequence, the score head read at each one's "
+        "scored token. Falls back to padded rows, with one log line, when the model fails the check at load (packed "
+        "and padded scores of a probe batch must agree).",
     )
     num_workers: int = Field(1, ge=1, description="Reward-scoring actors.")
 
@@ -231,8 +232,9 @@ class LearnerConfig(Section):
     packing: bool = Field(
         True,
         description="RL policy learner and critic, and the sft, rm, dpo and irl training: padding-free forwards, a "
-        "micro-batch's sequences concatenated in one row with positions restarting per sequence. Falls back to padded rows, with one log line, when the "
-        "model fails the check at setup (packed and padded outputs of a probe batch must agree).",
+        "micro-batch's sequences packed into one row (reward models: a few rows) with positions restarting per "
+        "sequence. Falls back to padded rows, with one log line, when the model fails the check at setup (packed "
+        "and padded outputs of a probe batch must agree).",
     )
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     epochs: int = Field(

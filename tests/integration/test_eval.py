@@ -96,7 +96,7 @@ def test_calibration_of_a_two_member_ensemble(trained_run, tmp_path):
     # The accuracy is the one the reward stage reports for the same ensemble.
     rows = eval_stage.eval_rows(ctx, "preferences", task / "models/reward")
     columns = ([r[c] for r in rows] for c in ("prompt", "chosen", "rejected"))
-    assert cal["accuracy"]["mean"] == pytest.approx(preference_accuracy(members, 32, *columns)["ensemble"])
+    assert cal["accuracy"]["mean"] == pytest.approx(preference_accuracy(members, cfg.reward, *columns)["ensemble"])
     assert len(cal["disagreement"]) == cfg.eval.calibration_bins
     stds = [r["std"] for r in cal["disagreement"]]
     assert stds == sorted(stds) and stds[0] > 0 and all(0 <= r["error"] <= 1 for r in cal["disagreement"])
