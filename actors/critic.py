@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from pipeline.algo import value_loss
 from pipeline.batches import Batch, take, to_device
 from pipeline.config import AlgoConfig, LearnerConfig
 from pipeline.types import TrainBatch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Tensor = torch.Tensor
 
@@ -41,8 +45,14 @@ class ValueLearner:
     ):
         self.cfg, self.algo, self.model_dir, self.seed = learner_cfg, algo_cfg, Path(model_dir), seed
         self.dist = Dist(rank, world_size, master_addr, master_port)
-        self.engine: TrainEngine | None = None
+        self._engine: TrainEngine | None = None
         self.layout: Layout = LAYOUTS["padded"]
+
+    @property
+    def engine(self) -> TrainEngine:
+        if self._engine is None:
+            raise RuntimeError("call setup() first: the engine is built there")
+        return self._engine
 
     def setup(self) -> float:
         """Join the process group, load backbone + value head, build the engine, choose the forward layout
@@ -51,11 +61,11 @@ class ValueLearner:
 
         start = time.perf_counter()
 
-        def load() -> torch.nn.Module:
+        def load() -> PreTrainedModel:
             return AutoModelForTokenClassification.from_pretrained(self.model_dir, num_labels=1, dtype=torch.float32)
 
         # the critic trains while the policy learners do: the two groups share the cores
-        self.engine = start_engine(self.cfg, self.dist, self.seed, load, groups=2)
+        self._engine = start_engine(self.cfg, self.dist, self.seed, load, groups=2)
         self.layout = choose_layout(self.engine.model, self.engine.module, self.engine.device, self.cfg.packing,
                                     who="critic", quiet=self.dist.rank > 0)
         return time.perf_counter() - start
@@ -78,6 +88,12 @@ class ValueLearner:
         batch = to_device(batch, self.engine.device)
         plan = self._plan(batch, sync=True)
         metrics: list[dict[str, float]] = []
+
+        def loss_fn(i: int, mb: TrainBatch) -> tuple[Tensor, dict[str, float]]:
+            assert mb.old_values is not None and mb.returns is not None  # checked on the whole batch above
+            return value_loss(self._values(mb), mb.old_values, mb.returns, mb.response_mask,
+                              clip=self.algo.value_clip, agg=self.algo.loss_agg)
+
         for _ in range(self.cfg.epochs):
             m = accumulate_update(
                 self.engine,
@@ -85,14 +101,7 @@ class ValueLearner:
                 plan=plan,
                 agg=self.algo.loss_agg,
                 world_size=self.dist.world_size,
-                loss_fn=lambda i, mb: value_loss(
-                    self._values(mb),
-                    mb.old_values,
-                    mb.returns,
-                    mb.response_mask,
-                    clip=self.algo.value_clip,
-                    agg=self.algo.loss_agg,
-                ),
+                loss_fn=loss_fn,
             )
             if any(k.startswith("bad/") for k in m):  # not finite: no update (on every rank)
                 return {**m, "timing/critic_step": time.perf_counter() - start}

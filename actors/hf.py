@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def set_cpu_threads(threads: int, ranks: int) -> int:
@@ -35,7 +36,7 @@ def inference_placement() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_frozen_model(auto_class: type, model_dir: Path) -> torch.nn.Module:
+def load_frozen_model(auto_class: Any, model_dir: Path) -> PreTrainedModel:
     """An HF model (`auto_class.from_pretrained(model_dir)`) in eval mode with gradients off, on its device: how
     the reference, the reward models, the HF rollout engine and the evaluations load a model they do not train."""
     device, dtype = inference_placement()

@@ -47,8 +47,14 @@ class PolicyLearner:
     ):
         self.cfg, self.algo, self.model_dir, self.seed = learner_cfg, algo_cfg, Path(model_dir), seed
         self.dist = Dist(rank, world_size, master_addr, master_port)
-        self.engine: TrainEngine | None = None
+        self._engine: TrainEngine | None = None
         self.layout: Layout = LAYOUTS["padded"]
+
+    @property
+    def engine(self) -> TrainEngine:
+        if self._engine is None:
+            raise RuntimeError("call setup() first: the engine is built there")
+        return self._engine
 
     def setup(self) -> float:
         """Join the process group, load the policy, build the engine, choose the forward layout (packed unless
@@ -58,7 +64,7 @@ class PolicyLearner:
         start = time.perf_counter()
         load = lambda: AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)  # noqa: E731
         groups = 2 if self.algo.name == "ppo" else 1  # PPO's critic trains beside the policy
-        self.engine = start_engine(self.cfg, self.dist, self.seed, load, groups=groups)
+        self._engine = start_engine(self.cfg, self.dist, self.seed, load, groups=groups)
         self.layout = choose_layout(self.engine.model, self.engine.module, self.engine.device, self.cfg.packing,
                                     who="learner", quiet=self.dist.rank > 0)
         return time.perf_counter() - start
@@ -123,8 +129,11 @@ class PolicyLearner:
         if any(it.step != step for it in items):
             raise RuntimeError(f"experience stream out of step: rank {self.dist.rank} expected step {step}, got "
                                f"chunks of steps {sorted({it.step for it in items})}")
-        shard = StepShard(step, [it.metrics for it in items], [t for it in items for t in it.times], time.time())
-        return concat_batches([it.train for it in items]), shard
+        if any(it.train is None or it.metrics is None for it in items):
+            raise RuntimeError(f"step {step}: a chunk reached learner rank {self.dist.rank} without its experience")
+        metrics = [it.metrics for it in items if it.metrics is not None]
+        shard = StepShard(step, metrics, [t for it in items for t in it.times], time.time())
+        return concat_batches([it.train for it in items if it.train is not None]), shard
 
     def _loss(self, i: int, mb: TrainBatch, first_logprobs: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
         logprobs = self._logprobs(mb)

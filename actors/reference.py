@@ -31,9 +31,9 @@ class ReferenceWorker:
         """Load the model and choose the forward layout (packed unless reference.packing is off or the model
         fails the packing check)."""
         set_cpu_threads(self.cfg.cpu_threads, self.cfg.num_workers)
-        self.model = load_frozen_model(AutoModelForCausalLM, self.model_dir)
-        device = next(self.model.parameters()).device
-        self.layout = choose_layout(self.model, self.model, device, self.cfg.packing, who="reference")
+        model = load_frozen_model(AutoModelForCausalLM, self.model_dir)
+        device = next(model.parameters()).device
+        self.model, self.layout = model, choose_layout(model, model, device, self.cfg.packing, who="reference")
         if self.board is not None:
             ray.get(self.board.sign_in.remote())
 
@@ -42,11 +42,14 @@ class ReferenceWorker:
         """Reference logprobs of each response token: [B, T] float32 on CPU, 0 where response_mask is False."""
         if self.model is None:  # also the first call after Ray restarted this actor
             self.setup()
-        device = next(self.model.parameters()).device
+        model = self.model
+        if model is None:
+            raise RuntimeError("the reference model did not load")
+        device = next(model.parameters()).device
         out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)
         fields = (rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids, rollouts.response_mask)
         plan = micro_batches(lengths_of(rollouts.prompt_mask, rollouts.response_mask), rows=self.cfg.micro_batch_size,
                              max_tokens=self.cfg.max_tokens_per_micro_batch, tokens=self.layout.tokens)
         for idx in plan:
-            out[idx] = self.layout.logprobs(self.model, *(t[idx].to(device) for t in fields)).cpu()
+            out[idx] = self.layout.logprobs(model, *(t[idx].to(device) for t in fields)).cpu()
         return out

@@ -14,9 +14,10 @@ temperature. At temperature 1 and top_p 1 they are also the logprobs of the dist
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
 import torch
@@ -41,6 +42,8 @@ class Sample:
 
 
 class Engine(Protocol):
+    def __init__(self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int): ...
+
     def sample(self, prompts: list[str], n: int, seed: int | None = None) -> list[Sample]:
         """len(prompts) * n samples, the n samples of one prompt consecutive, in prompt order."""
         ...
@@ -56,6 +59,11 @@ class WeightSyncExtension:
 
     vLLM's worker already owns `update_weights`, `start_weight_update` and `init_weight_transfer_engine` (its
     NCCL/IPC API) and refuses an extension that redefines them, hence the distinct name."""
+
+    if TYPE_CHECKING:  # what the vLLM worker this class extends provides
+        model_runner: Any
+
+        def reload_weights(self, *, weights_iterator: Iterator[tuple[str, Tensor]]) -> None: ...
 
     def reload_hf_weights(self, named_tensors: list[tuple[str, Tensor]]) -> None:
         # `reload_weights` maps HF names onto vLLM's fused layers and redoes the CPU backend's weight repacking;
@@ -253,9 +261,9 @@ class RolloutWorker:
     def setup(self) -> None:
         """Start the engine. Also runs on the first call after Ray restarted this actor (a crash): then the
         engine holds model_dir's weights, so it loads the newest update from the board first."""
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self._pad_id = pad_token_id(self._tokenizer)
-        self._engine = ENGINES[self.cfg.engine](self.cfg, self.model_dir, self._tokenizer, seed=self.seed)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._tokenizer, self._pad_id = tokenizer, pad_token_id(tokenizer)
+        self._engine = ENGINES[self.cfg.engine](self.cfg, self.model_dir, tokenizer, seed=self.seed)
         if self.board is not None:
             ray.get(self.board.sign_in.remote())
             latest = ray.get(self.board.latest.remote())
@@ -264,16 +272,15 @@ class RolloutWorker:
 
     def generate(self, batch: PromptBatch) -> Rollouts:
         """P prompts -> B = P * G rollouts, the G samples of a prompt consecutive; CPU tensors."""
-        if self._engine is None:
-            self.setup()
+        engine, tokenizer, pad_id = self._started()
         g = batch.samples_per_prompt
-        samples = self._engine.sample(batch.prompts, g, batch.seed)
-        prompt_ids, prompt_mask = pad_left([s.prompt_ids for s in samples], self._pad_id)
-        response_ids, response_mask = pad_right([s.token_ids for s in samples], self._pad_id, torch.long)
+        samples = engine.sample(batch.prompts, g, batch.seed)
+        prompt_ids, prompt_mask = pad_left([s.prompt_ids for s in samples], pad_id)
+        response_ids, response_mask = pad_right([s.token_ids for s in samples], pad_id, torch.long)
         rollout_logprobs, _ = pad_right([s.logprobs for s in samples], 0.0, torch.float32)
         return Rollouts(
             prompts=[p for p in batch.prompts for _ in range(g)],
-            responses=self._tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True),
+            responses=tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True),
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
             response_ids=response_ids,
@@ -286,13 +293,20 @@ class RolloutWorker:
 
     def load_weights(self, update: WeightUpdate) -> None:
         """Take the learner's weights in place (no engine restart); later rollouts carry `update.version`."""
-        if self._engine is None:
-            self.setup()
+        engine, _, _ = self._started()
         if update.version < self._version:
             # In async mode a late update must not roll the weights back behind a newer one.
             raise ValueError(f"weight update version {update.version} is older than the loaded {self._version}")
-        self._engine.load_weights(update.named_tensors)
+        engine.load_weights(update.named_tensors)
         self._version = update.version
+
+    def _started(self) -> tuple[Engine, PreTrainedTokenizerBase, int]:
+        """The engine, tokenizer and pad id, set up first if this is the first call."""
+        if self._engine is None:
+            self.setup()
+        if self._engine is None or self._tokenizer is None or self._pad_id is None:
+            raise RuntimeError("the rollout engine did not start")
+        return self._engine, self._tokenizer, self._pad_id
 
     def weight_version(self) -> int:
         return self._version

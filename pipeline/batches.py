@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 Tensor = torch.Tensor
-Batch = TypeVar("Batch")  # a dataclass of per-sequence fields: TrainBatch, or Rollouts for compute_logprobs
+Batch = TypeVar("Batch", bound=Any)  # a dataclass of per-sequence fields: TrainBatch, or Rollouts for compute_logprobs
 
 
 def rows(batch: Batch, start: int, stop: int) -> Batch:
@@ -28,7 +28,7 @@ def take(batch: Batch, index: Tensor) -> Batch:
 
 def map_fields(batch: Batch, fn: Callable[[Any], Any]) -> Batch:
     """Apply fn to every per-sequence field (tensor or list) of a batch dataclass; scalars are kept."""
-    changes = {}
+    changes: dict[str, Any] = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)
         if isinstance(value, Tensor | list):
@@ -52,7 +52,7 @@ def concat_batches(batches: list[Batch]) -> Batch:
     """Join batches of one dataclass along dim 0. 2-D tensors of different widths are padded with zeros (False
     for masks): on the left for `prompt_*` fields, which are left-padded, on the right otherwise. Scalars and
     None fields come from the first batch."""
-    changes = {}
+    changes: dict[str, Any] = {}
     for f in dataclasses.fields(batches[0]):
         values = [getattr(b, f.name) for b in batches]
         if isinstance(values[0], list):

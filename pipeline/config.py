@@ -6,6 +6,7 @@ Every default lives here and nowhere else (STYLE.md rule 2): call sites read `cf
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pipeline.errors import ConfigError
 
 Stage = Literal["synth", "sft", "reward", "dpo", "irl", "rl", "eval"]
+DEFAULT_STAGES: tuple[Stage, ...] = ("synth", "sft", "reward", "rl")
+RewardSource = Literal["model", "function", "url"]
 
 
 class Section(BaseModel):
@@ -142,7 +145,7 @@ class RewardConfig(Section):
     backoff_s: float = Field(
         0.5, ge=0, description="Wait before the first retry of a remote reward request; doubles on each retry."
     )
-    weights: dict[Literal["model", "function", "url"], float] = Field(
+    weights: dict[RewardSource, float] = Field(
         default_factory=dict,
         description="Weight of each reward source (model, function, url) in the summed reward; "
         "a configured source not listed weighs 1.0.",
@@ -180,7 +183,7 @@ class RewardConfig(Section):
                 raise ValueError(f"gives a weight for {source!r}, but reward.{source} is not set")
         return weights
 
-    def weight(self, source: str) -> float:
+    def weight(self, source: RewardSource) -> float:
         """Weight of one configured source ("model", "function" or "url") in the summed reward."""
         return self.weights.get(source, self.DEFAULT_WEIGHT)
 
@@ -540,7 +543,7 @@ class IrlConfig(Section):
 
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
-    stages: list[Stage] = Field(default_factory=lambda: ["synth", "sft", "reward", "rl"], min_length=1)
+    stages: list[Stage] = Field(default_factory=lambda: list(DEFAULT_STAGES), min_length=1)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -626,7 +629,7 @@ def set_dotted(data: dict[str, Any], parts: list[str], value: Any, *, source: st
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (or start from the schema defaults when `path` is None), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:

@@ -32,7 +32,7 @@ from pipeline import checkpoint
 from pipeline.algo import AdaptiveKLController, FixedKLController
 from pipeline.config import Config
 from pipeline.data import read_dataset
-from pipeline.errors import RunFailure
+from pipeline.errors import ConfigError, RunFailure
 from pipeline.experience import stage_seconds
 from pipeline.stages.context import StageContext
 from pipeline.stages.heldout import heldout_rows, row_check
@@ -66,7 +66,7 @@ class PromptStream:
         cfg = ctx.cfg
         check = row_check(ctx, "prompts", ctx.tokenizer_dir())
         path = ctx.data_file("prompts")
-        self.path, self.ctx, self.tokenizer_dir = path, ctx, check.tokenizer_dir
+        self.path, self.ctx, self.tokenizer_dir = path, ctx, ctx.tokenizer_dir()
         self.train, report = read_dataset(path, check, on_bad_rows=cfg.data.on_bad_rows, split="train", log=ctx.log)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # the same seed gives the same prompt order
@@ -78,7 +78,8 @@ class PromptStream:
         """Read from batch `skip` of `epoch` on (in the background)."""
         self.close()
         self.epoch, self.batch_in_epoch = epoch, skip
-        batches, stop = queue.Queue(maxsize=self.AHEAD), threading.Event()
+        batches: queue.Queue = queue.Queue(maxsize=self.AHEAD)
+        stop = threading.Event()
         thread = threading.Thread(target=self._read, args=(epoch, skip, batches, stop), daemon=True,
                                   name="prompt-stream")
         self._reader = (thread, batches, stop)
@@ -110,6 +111,8 @@ class PromptStream:
             put(e)
 
     def next(self) -> list[str]:
+        if self._reader is None:
+            raise RuntimeError("PromptStream.next before start")
         item = self._reader[1].get()
         if isinstance(item, BaseException):
             raise item
@@ -170,6 +173,8 @@ class StepTimer:
 def kl_controller(cfg: Config):
     kl = cfg.algo.kl
     if kl.controller == "adaptive":
+        if kl.target is None:  # the config's cross-checks require one
+            raise ConfigError("algo.kl.target is required when algo.kl.controller=adaptive")
         return AdaptiveKLController(kl.coef, target=kl.target, horizon=kl.horizon)
     return FixedKLController(kl.coef)
 

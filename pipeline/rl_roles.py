@@ -147,6 +147,8 @@ class Roles:
     def feed(self, step: int, prompts: list[str], *, seed: int, kl_coef: float) -> None:
         """Queue a step's prompts into the stream: from here they sample, score and take reference logprobs."""
         r = self.cfg.rollout
+        if self.stream is None:
+            raise RuntimeError("Roles.feed before Roles.open_stream")
         self.chunks = self.stream.put(step, prompts, samples_per_prompt=r.samples_per_prompt,
                                       chunk_size=r.chunk_size, seed=seed, kl_coef=kl_coef)
 

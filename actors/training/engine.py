@@ -9,12 +9,15 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
 from actors.hf import set_cpu_threads
 from pipeline.config import LearnerConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Tensor = torch.Tensor
 
@@ -23,10 +26,13 @@ class TrainEngine(Protocol):
     """What a learner needs from a training backend (DeepSpeed | plain torch), chosen once in build_engine."""
 
     model: Callable[..., Any]  # the forward to call (a DeepSpeed engine wraps the HF model)
-    module: torch.nn.Module  # the HF model itself: HF parameter names, save_pretrained
+    module: PreTrainedModel  # the HF model itself: HF parameter names, save_pretrained
     device: torch.device
-    steps: int  # optimizer updates taken
-    lr: float  # LR of the next update
+
+    @property
+    def steps(self) -> int: ...  # optimizer updates taken
+    @property
+    def lr(self) -> float: ...  # LR of the next update
 
     def backward(self, loss: Tensor) -> None: ...
     def step(self) -> float: ...  # one optimizer update on the accumulated gradients -> grad norm before clipping
@@ -51,7 +57,7 @@ def init_distributed(cfg: LearnerConfig, rank: int, world_size: int, master_addr
 
 
 def build_engine(
-    cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int, *, groups: int = 1
+    cfg: LearnerConfig, model: PreTrainedModel, rank: int, world_size: int, *, groups: int = 1
 ) -> TrainEngine:
     """`groups`: learner groups that train at the same time on these cores (2 for PPO: the policy and the critic),
     which share them in the default thread count."""
@@ -94,12 +100,12 @@ def deepspeed_config(cfg: LearnerConfig, *, bf16: bool, grad_clip: float) -> dic
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 0-3: bf16 with fp32 master weights on GPU, fp32 on CPU."""
 
-    def __init__(self, cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int):
+    def __init__(self, cfg: LearnerConfig, model: PreTrainedModel, rank: int, world_size: int):
         import deepspeed
 
         bf16 = torch.cuda.is_available()
         # Stage 0 in fp32 clips with a helper whose norm it drops; we clip in a pre-step hook to report it.
-        self._own_clip = cfg.grad_clip if cfg.zero_stage == 0 and not bf16 else None
+        self._own_clip = cfg.grad_clip if cfg.zero_stage == 0 and not bf16 else 0.0  # 0: DeepSpeed clips
         config = deepspeed_config(cfg, bf16=bf16, grad_clip=0.0 if self._own_clip else cfg.grad_clip)
         self.ds, optimizer, _, _ = deepspeed.initialize(
             model=model,
@@ -178,7 +184,7 @@ def weights_only_load(path: str, map_location=None) -> Any:
 class TorchEngine:
     """Plain torch AdamW in fp32, data-parallel by all-reducing gradients when there is more than one rank."""
 
-    def __init__(self, cfg: LearnerConfig, model: torch.nn.Module, rank: int, world_size: int):
+    def __init__(self, cfg: LearnerConfig, model: PreTrainedModel, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = self.module = model.to(self.device)
@@ -241,7 +247,7 @@ class Dist(NamedTuple):
 
 
 def start_engine(
-    cfg: LearnerConfig, dist: Dist, seed: int, load_model: Callable[[], torch.nn.Module], *, groups: int = 1
+    cfg: LearnerConfig, dist: Dist, seed: int, load_model: Callable[[], PreTrainedModel], *, groups: int = 1
 ) -> TrainEngine:
     """Join the process group, then load the model (same seed on every rank: new heads start identical)."""
     init_distributed(cfg, *dist)

@@ -125,7 +125,8 @@ def accumulate_update(
     if flags.sum().item() > 0:  # every rank skips, naming what some rank found
         return {f"bad/{q}": 1.0 for q, f in zip(INPUTS, flags.tolist(), strict=True) if f > 0}
     if plan is None:
-        micro = [rows(batch, s, s + micro_batch_size) for s in range(0, len(batch), micro_batch_size)]
+        size = micro_batch_size or len(batch)
+        micro = [rows(batch, s, s + size) for s in range(0, len(batch), size)]
     else:
         micro = [take(batch, idx) for idx in plan]
     units = [float(AGG_UNITS[agg](mb.response_mask)) for mb in micro]
