@@ -314,7 +314,8 @@ def train_member(
         start, metrics, rows = time.perf_counter(), [], 0
         reported, reported_updates = start, 0
         for batch in epoch_batches(shard, job.batch_size // world, seed=seed * 1000 + epoch):
-            m = offline_update(engine, collate(batch), goal, job.learner, world, agg=agg, group=group)
+            batch = collate(batch)
+            m = offline_update(engine, batch, goal, job.learner, world, agg=agg, group=group)
             if any(k.startswith("bad/") for k in m):  # a non-finite batch: skipped on every rank
                 raise FloatingPointError(f"{job.stage}: epoch {epoch + 1}: non-finite {', '.join(m)}; no update made")
             metrics.append(m)
