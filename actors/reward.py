@@ -136,7 +136,9 @@ def packed_reward_scores(
     if not isinstance(head, torch.nn.Module):
         raise ValueError(f"{type(model).__name__} has no `score` head to apply at packed positions")
     device, real = input_ids.device, attention_mask.bool()
-    scored = scored_positions(input_ids, attention_mask, model.config.pad_token_id)
+    # a DeepSpeed engine passes the model's attributes through, but its own `config` is DeepSpeed's
+    pad_id = getattr(model, "module", model).config.pad_token_id
+    scored = scored_positions(input_ids, attention_mask, pad_id)
     sequences = torch.arange(len(input_ids), device=device)
     if not real[sequences, scored].all():
         raise ValueError("packed scores: a row has no real token to score")
@@ -151,7 +153,7 @@ def packed_reward_scores(
     position = real.long().cumsum(dim=1) - 1  # [B, L]: 0, 1, ... within each sequence
     column = start[:, None] + position
     rows = row_of[:, None].expand_as(position)
-    ids = torch.full((len(used), width), model.config.pad_token_id or 0, dtype=input_ids.dtype, device=device)
+    ids = torch.full((len(used), width), pad_id or 0, dtype=input_ids.dtype, device=device)
     positions = torch.arange(width, device=device).repeat(len(used), 1) - used[:, None]  # filler: 0, 1, ...
     ids[rows[real], column[real]] = input_ids[real]
     positions[rows[real], column[real]] = position[real]
