@@ -1,6 +1,6 @@
-"""Padding-free forwards and token-budget micro-batches of reward-model scoring (actors/reward.py) and the offline
-stages (actors/offline.py): packed reward scores, Bradley-Terry, SFT and DPO losses and their gradients equal the
-padded ones for several architectures; budget plans keep pairs together, cover every row once and give the same
+"""Padding-free forwards and token-budget micro-batches of reward-model scoring (actors/scoring.py) and the offline
+stages (actors/training/offline.py): packed reward scores, Bradley-Terry, SFT and DPO losses and their gradients equal
+the padded ones for several architectures; budget plans keep pairs together, cover every row once and give the same
 update as fixed-size padded micro-batches; a model that fails the scoring probe falls back with one log line."""
 
 import logging
@@ -12,20 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import actors.reward
-from actors.offline import (
-    PAIR_AGG,
-    ScoreBatch,
-    SequenceBatch,
-    dpo_objective,
-    offline_plan,
-    offline_update,
-    score_objective,
-    sft_objective,
-)
-from actors.reward import (
+import actors.scoring
+from actors.reward import ModelScorer
+from actors.scoring import (
     SCORE_LAYOUTS,
-    ModelScorer,
     choose_score_layout,
     packed_reward_scores,
     packed_row_tokens,
@@ -34,6 +24,15 @@ from actors.reward import (
     scored_positions,
 )
 from actors.training.engine import TorchEngine
+from actors.training.objectives import (
+    PAIR_AGG,
+    ScoreBatch,
+    SequenceBatch,
+    dpo_objective,
+    score_objective,
+    sft_objective,
+)
+from actors.training.offline import offline_plan, offline_update
 from pipeline.algo import bt_loss
 from pipeline.config import DpoConfig, LearnerConfig
 from pipeline.tasks.tiny_models import build_causal_lm
@@ -138,6 +137,28 @@ def test_packed_reward_scores_bt_loss_and_gradients_equal_padded(arch, side, tok
         loss, _ = one_loss(score_objective(engine, packing, "bt", who="rm", quiet=False), batch)
         torch.testing.assert_close(loss, l_pad, atol=1e-5, rtol=0)
         assert_same_grads(grads(model), g_pad)
+
+
+def test_packed_scores_read_the_wrapped_model_of_an_engine(tokenizer):
+    model = reward_model("llama", tokenizer)
+
+    class Engine(torch.nn.Module):  # as DeepSpeed's engine: the model as `.module`, a `config` of its own
+        def __init__(self):
+            super().__init__()
+            self.module, self.config = model, {"zero_optimization": {"stage": 2}}
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    batch = score_batch_of(3, pad=model.config.pad_token_id, vocab=len(tokenizer), seed=6)
+    engine = Engine()
+    assert choose_score_layout(engine, model, CPU, True, who="rm") is SCORE_LAYOUTS["packed"]
+    torch.testing.assert_close(
+        packed_reward_scores(engine, batch.input_ids, batch.attention_mask),
+        reward_model_scores(engine, batch.input_ids, batch.attention_mask),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_packed_rows_by_hand():
@@ -277,9 +298,9 @@ def test_a_reward_model_that_fails_the_probe_scores_padded_with_one_log_line(tok
     assert choose_score_layout(model, model, CPU, True, who="reward model") is SCORE_LAYOUTS["packed"]
     assert choose_score_layout(model, model, CPU, False, who="reward model") is SCORE_LAYOUTS["padded"]
     # packed rows that leak between sequences: here, every score shifted
-    leaky = actors.reward.packed_reward_scores
-    monkeypatch.setattr(actors.reward, "packed_reward_scores", lambda m, i, a: leaky(m, i, a) + 0.5)
-    with caplog.at_level(logging.WARNING, logger="actors.reward"):
+    leaky = actors.scoring.packed_reward_scores
+    monkeypatch.setattr(actors.scoring, "packed_reward_scores", lambda m, i, a: leaky(m, i, a) + 0.5)
+    with caplog.at_level(logging.WARNING, logger="actors.scoring"):
         assert choose_score_layout(model, model, CPU, True, who="reward model") is SCORE_LAYOUTS["padded"]
         assert choose_score_layout(model, model, CPU, True, who="reward model", quiet=True) is SCORE_LAYOUTS["padded"]
     assert len(caplog.records) == 1
