@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from actors.offline import score_batch
-from actors.reward import SCORE_LAYOUTS, packed_reward_scores, packed_row_tokens
+from actors.scoring import SCORE_LAYOUTS, packed_reward_scores, packed_row_tokens
+from actors.training.objectives import score_batch
 from pipeline.config import SynthConfig
 from pipeline.tasks.synthetic import write_task
 

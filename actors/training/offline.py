@@ -1,8 +1,8 @@
 """Offline training on Ray Train: the per-worker loops of the `sft`, `reward` and `dpo` stages (and the `irl`
 stage's discriminator updates, which are reward-model training with another pair loss).
 
-Each Ray Train worker is one data-parallel rank with a DeepSpeed (or plain torch) engine from actors.engine, in the
-process group Ray Train set up. Rows arrive as clean strings from `ray.train.get_dataset_shard`; a rank tokenizes
+Each Ray Train worker is one data-parallel rank with a DeepSpeed (or plain torch) engine (actors/training/engine.py), in
+the process group Ray Train set up. Rows arrive as clean strings from `ray.train.get_dataset_shard`; a rank tokenizes
 its share of each global batch (`batch_size / world_size` rows) and takes one optimizer update with
 `accumulate_update`, so an update is the full-batch one whatever the number of workers.
 
@@ -12,7 +12,7 @@ epoch on a queue that the driver prints. Pairs (reward, dpo) are interleaved: ro
 row 2i+1 its rejected one, and a micro-batch plan never splits a pair.
 
 Forwards are padding-free unless learner.packing is off (or the model fails the packing probe): causal LMs (sft,
-dpo) in actors.sequences' packed layout, reward models (reward, irl) in actors.reward's packed rows. Micro-batches
+dpo) in actors.sequences' packed layout, reward models (reward, irl) in actors.scoring's packed rows. Micro-batches
 hold learner.micro_batch_size rows, or up to the stage section's max_tokens_per_micro_batch tokens; the loss is
 weighted over the whole update either way, so the update is the padded, full-batch one.
 """
@@ -32,31 +32,30 @@ import ray.train
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from actors.hf import load_frozen_model, pad_token_id
-from actors.reward import choose_score_layout, reward_model_inputs, score_lengths
-from actors.sequences import choose_layout, lengths_of, micro_batches, split_to, token_metrics
+from actors.hf import load_frozen_model
+from actors.sequences import micro_batches, split_to, token_metrics
 from actors.training.engine import TrainEngine, build_engine, save_hf
+from actors.training.objectives import (
+    PAIR_AGG,
+    Objective,
+    ScoreBatch,
+    SequenceBatch,
+    dpo_objective,
+    pair_sequence_batch,
+    score_batch,
+    score_objective,
+    sequence_batch,
+    sft_objective,
+)
 from actors.training.update import accumulate_update, global_max, global_sum, mean_metrics
-from pipeline.algo import bt_loss, demo_discriminator_loss, dpo_loss, pair_logprobs, sft_loss
 from pipeline.batches import to_device
 from pipeline.config import DpoConfig, LearnerConfig
-from pipeline.types import pad_left, pad_right
 
 Tensor = torch.Tensor
 
 STATE = "offline_state.json"  # in each checkpoint: {"member": k, "epochs_done": e}
 PROGRESS_S = 20.0  # rank 0 reports the updates done within an epoch at least this often
 SHUFFLE_ROWS = 4096  # local shuffle buffer: the whole of a tiny dataset, a window of a large one
-# A pair loss is a mean over pairs: "seq-mean-token-mean" makes accumulate_update weigh micro-batches by rows.
-PAIR_AGG = "seq-mean-token-mean"
-# Reward-model losses of (first, second) scores [B] each: Bradley-Terry on (chosen, rejected) preferences, or the
-# discriminator on (demonstration, policy sample) pairs of one prompt (equal counts, so its class means are pair means).
-PAIR_LOSSES: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]] = {
-    "bt": bt_loss,
-    "discriminator": demo_discriminator_loss,
-}
-
-
 @dataclass(frozen=True)
 class OfflineJob:
     """What every worker of one offline stage gets: its slice of the config and the paths."""
@@ -76,79 +75,6 @@ class OfflineJob:
     dpo: DpoConfig | None = None
     pair_loss: str = "bt"  # reward: a key of PAIR_LOSSES
     new_head: bool = True  # reward: draw the score head afresh (False: continue a trained reward model)
-
-
-@dataclass(frozen=True)
-class SequenceBatch:
-    """B (prompt, response) token sequences in the layout actors.sequences takes."""
-
-    prompt_ids: Tensor  # [B, Tp] int64, left-padded
-    prompt_mask: Tensor  # [B, Tp] bool
-    response_ids: Tensor  # [B, T] int64, right-padded; each response ends with EOS
-    response_mask: Tensor  # [B, T] bool
-
-    def __len__(self) -> int:
-        return self.response_ids.shape[0]
-
-    def lengths(self) -> Tensor:
-        """Real (prompt, response) tokens of each sequence: [B, 2], what the micro-batch plan counts."""
-        return lengths_of(self.prompt_mask, self.response_mask)
-
-
-@dataclass(frozen=True)
-class ScoreBatch:
-    """2B reward-model inputs in the DESIGN.md convention, pairs interleaved (chosen at 2i, rejected at 2i+1)."""
-
-    input_ids: Tensor  # [2B, L] int64, padded on the tokenizer's side
-    attention_mask: Tensor  # [2B, L]
-
-    @property
-    def response_mask(self) -> Tensor:
-        """accumulate_update counts its units (rows, under PAIR_AGG) through this name."""
-        return self.attention_mask.bool()
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def lengths(self) -> Tensor:
-        """Real tokens of each row: [2B, 1], what the micro-batch plan counts."""
-        return score_lengths(self.attention_mask)
-
-
-@dataclass(frozen=True)
-class Objective:
-    """A stage's loss on one engine: loss(i, micro_batch) -> (loss, metrics), and `tokens(lengths) -> int`, the
-    tokens one forward of its layout (packed or padded, actors.sequences / actors.reward) computes."""
-
-    loss: Callable[[int, Any], tuple[Tensor, dict[str, float]]]
-    tokens: Callable[[Tensor], int]
-
-
-# ---- collation: strings -> token tensors (pure, unit-tested) ----
-
-
-def interleave(a: list[str], b: list[str]) -> list[str]:
-    """[a0, b0, a1, b1, ...]."""
-    return [x for pair in zip(a, b, strict=True) for x in pair]
-
-
-def sequence_batch(tokenizer, prompts: list[str], responses: list[str]) -> SequenceBatch:
-    """Prompts as generation sees them (special tokens added: BOS), responses without special tokens plus EOS, so
-    the model learns to stop. Tokenized separately, as a rollout engine produces them."""
-    pad = pad_token_id(tokenizer)
-    prompt_ids, prompt_mask = pad_left([tokenizer(p).input_ids for p in prompts], pad)
-    rows = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in responses]
-    response_ids, response_mask = pad_right(rows, pad, torch.long)
-    return SequenceBatch(prompt_ids, prompt_mask, response_ids, response_mask)
-
-
-def pair_sequence_batch(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str]) -> SequenceBatch:
-    return sequence_batch(tokenizer, interleave(prompts, prompts), interleave(chosen, rejected))
-
-
-def score_batch(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str]) -> ScoreBatch:
-    enc = reward_model_inputs(tokenizer, interleave(prompts, prompts), interleave(chosen, rejected))
-    return ScoreBatch(enc["input_ids"], enc["attention_mask"])
 
 
 # ---- the worker loops (Ray Train `train_loop_per_worker`, config {"job": OfflineJob}) ----
@@ -211,57 +137,6 @@ def dpo_loop(config: dict[str, Any]) -> None:
         return pair_sequence_batch(tokenizer, list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"]))
 
     train_member(job, 0, load, collate, objective, agg=PAIR_AGG, out_dir=Path(job.out_dir), pairs=True)
-
-
-# ---- the objectives: each stage's loss on a micro-batch, in the forward layout chosen for its model ----
-
-
-def sft_objective(engine: TrainEngine, packing: bool, *, quiet: bool) -> Objective:
-    """Token-mean negative log-likelihood of the responses (agg token-mean)."""
-    layout = choose_layout(engine.model, engine.module, engine.device, packing, who="sft", quiet=quiet)
-
-    def loss(i: int, mb: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
-        fields = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-        return sft_loss(layout.logprobs(engine.model, *fields), mb.response_mask)
-
-    return Objective(loss, layout.tokens)
-
-
-def score_objective(engine: TrainEngine, packing: bool, pair_loss: str, *, who: str, quiet: bool) -> Objective:
-    """PAIR_LOSSES[pair_loss] of the reward model's scores of interleaved pairs (agg PAIR_AGG)."""
-    layout = choose_score_layout(engine.model, engine.module, engine.device, packing, who=who, quiet=quiet)
-    pair = PAIR_LOSSES[pair_loss]
-
-    def loss(i: int, mb: ScoreBatch) -> tuple[Tensor, dict[str, float]]:
-        scores = layout.scores(engine.model, mb.input_ids, mb.attention_mask)
-        return pair(scores[0::2], scores[1::2])
-
-    return Objective(loss, layout.tokens)
-
-
-def dpo_objective(
-    engine: TrainEngine, reference: torch.nn.Module, dpo: DpoConfig, packing: bool, *, quiet: bool
-) -> Objective:
-    """DPO / IPO of interleaved pairs against the frozen `reference` (agg PAIR_AGG); both models take packed
-    forwards when they pass the packing check."""
-    layout = choose_layout(engine.model, engine.module, engine.device, packing, who="dpo", quiet=quiet)
-    ref_device = next(reference.parameters()).device
-    ref_layout = choose_layout(reference, reference, ref_device, packing, who="dpo reference", quiet=quiet)
-
-    def loss(i: int, mb: SequenceBatch) -> tuple[Tensor, dict[str, float]]:
-        fields = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-        with torch.no_grad():
-            ref = ref_layout.logprobs(reference, *(f.to(ref_device) for f in fields)).to(engine.device).float()
-        policy = layout.logprobs(engine.model, *fields)
-        return dpo_loss(
-            *pair_logprobs(policy, mb.response_mask, dpo.loss_type),
-            *pair_logprobs(ref, mb.response_mask, dpo.loss_type),
-            beta=dpo.beta,
-            loss_type=dpo.loss_type,
-            label_smoothing=dpo.label_smoothing,
-        )
-
-    return Objective(loss, layout.tokens)
 
 
 def redraw_head(model: torch.nn.Module) -> None:
@@ -419,7 +294,7 @@ def summed_tokens(
 
 def join_process_group(cfg: LearnerConfig) -> None:
     """Ray Train already runs torch.distributed (gloo on CPU, NCCL on GPU) with RANK, LOCAL_RANK, MASTER_ADDR set;
-    DeepSpeed adopts that group rather than starting one (actors.engine.init_distributed would reset LOCAL_RANK)."""
+    DeepSpeed adopts that group rather than starting one (engine.init_distributed would reset LOCAL_RANK)."""
     if cfg.backend == "deepspeed":
         import deepspeed
 

@@ -1,6 +1,6 @@
 """The `dpo` stage: direct preference optimization of the policy on preferences (prompt, chosen, rejected), against
 the policy before the stage as the frozen reference, on Ray Train with a DeepSpeed engine per worker
-(actors.offline). `dpo.loss_type` picks DPO (sigmoid) or IPO; `dpo.label_smoothing` > 0 is conservative DPO.
+(actors.training.offline). `dpo.loss_type` picks DPO (sigmoid) or IPO; `dpo.label_smoothing` > 0 is conservative DPO.
 `dpo.pairs` picks the preferences file, or pairs of the reference's own samples labelled by the synthetic task's
 raters.
 
@@ -19,10 +19,10 @@ from typing import Any
 import ray
 import torch
 
-from actors.evaluation import implicit_reward_accuracy, sample_gold
-from actors.offline import dpo_loop
+from actors.training.offline import dpo_loop
 from pipeline.algo import pair_accuracy
 from pipeline.stages.context import StageContext
+from pipeline.stages.evaluation import implicit_reward_accuracy, sample_gold
 from pipeline.stages.heldout import heldout_rows, remote, unique
 from pipeline.stages.offline import fit, last_epoch, offline_job, rated_policy_pairs, train_dataset
 

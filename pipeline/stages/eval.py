@@ -25,7 +25,6 @@ from typing import Any
 import ray
 import torch
 
-from actors.evaluation import preference_margins
 from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker, configured_sources, gold_scores, import_reward_function
 from actors.rollout import RolloutWorker
@@ -47,6 +46,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import plot_best_of_n, plot_calibration, plot_gao
 from pipeline.progress import get_with_progress
 from pipeline.stages.context import StageContext
+from pipeline.stages.evaluation import preference_margins
 from pipeline.stages.heldout import heldout_rows, remote, unique
 from pipeline.stream import CHUNK_SEED_STRIDE
 from pipeline.types import PromptBatch, Rollouts

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.hf import load_frozen_model
-from actors.offline import pair_sequence_batch
 from actors.reward import ModelScorer, gold_scores
 from actors.rollout import RolloutWorker
 from actors.sequences import response_logprobs
+from actors.training.objectives import pair_sequence_batch
 from pipeline.algo import ensemble_mean_std, pair_accuracy, pair_logprobs
 from pipeline.config import RewardConfig, RolloutConfig
 from pipeline.types import PromptBatch

@@ -4,7 +4,7 @@
 Each of `irl.rounds` rounds:
   1. sample one response per training demonstration's prompt from the current policy with a rollout worker;
   2. update the reward model as a discriminator, demonstrations above policy samples (`demo_discriminator_loss`,
-     the reward is the discriminator's logit), on Ray Train (actors.offline.reward_loop); from round 2 on, each
+     the reward is the discriminator's logit), on Ray Train (actors.training.offline.reward_loop); from round 2 on, each
      demonstration is also paired with a sample of one of the last `irl.replay_rounds` rounds;
   3. run `irl.rl_steps` RL steps against the current reward with the RL loop (`pipeline.rl.train_iter`), under
      the KL leash to the policy before the stage (the reference stays fixed across rounds); with
@@ -31,8 +31,8 @@ from typing import Any
 
 import ray
 
-from actors.offline import reward_loop
 from actors.reward import ModelScorer
+from actors.training.offline import reward_loop
 from pipeline import checkpoint
 from pipeline.config import Config, RewardConfig
 from pipeline.metrics import plot_metrics

@@ -1,5 +1,5 @@
 """Driver side of the offline training stages (`sft`, `reward`, `dpo`): check and stream the data, run a worker loop
-of actors.offline on Ray Train (a TorchTrainer, one DeepSpeed engine per worker), print its per-epoch progress,
+of actors.training.offline on Ray Train (a TorchTrainer, one DeepSpeed engine per worker), print its per-epoch progress,
 and draw and rate the policy's own samples. Held-out reads and measurements are in pipeline.stages.heldout.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import ray
 
-from actors.offline import OfflineJob
 from actors.rollout import RolloutWorker
+from actors.training.offline import OfflineJob
 from cluster.plan import resolve_device
 from pipeline.config import RolloutConfig
 from pipeline.data import read_dataset
@@ -68,7 +68,7 @@ def train_dataset(ctx: StageContext, kind: str, tokenizer_dir: Path) -> ray.data
 
 
 def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[str, Any], max_failures: int):
-    """Run `loop` on `learner.num_workers` Ray Train workers with `job` (an actors.offline.OfflineJob without its
+    """Run `loop` on `learner.num_workers` Ray Train workers with `job` (a training.offline.OfflineJob without its
     progress queue). -> the per-epoch records rank 0 sent, also written to <stage dir>/epochs.jsonl."""
     from dataclasses import replace
 

@@ -1,6 +1,6 @@
 """The `reward` stage: Bradley-Terry reward models from preferences (prompt, chosen, rejected), on Ray Train with a
-DeepSpeed engine per worker (actors.offline). An ensemble of `reward.ensemble_size` members, trained one after the
-other in the same workers, differs by seed (head init, data order) and, with `rm.bootstrap`, by resample.
+DeepSpeed engine per worker (actors/training/offline.py). An ensemble of `reward.ensemble_size` members, trained one
+after the other in the same workers, differs by seed (head init, data order) and, with `rm.bootstrap`, by resample.
 
 Each member starts from the synthetic task's reward model when the run has a task (`rm.init=task`), else from the
 policy as an AutoModelForSequenceClassification with a new one-label head (`rm.init=policy`, as in InstructGPT; with
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.evaluation import preference_accuracy
-from actors.offline import reward_loop
+from actors.training.offline import reward_loop
 from pipeline.stages.context import StageContext
+from pipeline.stages.evaluation import preference_accuracy
 from pipeline.stages.heldout import heldout_rows, quiet, remote
 from pipeline.stages.offline import (
     demonstration_pairs,

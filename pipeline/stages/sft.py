@@ -1,5 +1,5 @@
 """The `sft` stage: supervised fine-tuning of the policy on the demonstrations (next-token loss on the response
-tokens only, each response ending with EOS), on Ray Train with a DeepSpeed engine per worker (actors.offline).
+tokens only, each response ending with EOS), on Ray Train with a DeepSpeed engine per worker (actors.training.offline).
 
 Leaves <stage dir>/policy and records it as `policy` (the previous policy becomes `initial_policy`). When the task
 has a gold reward, `sft/gold_reward` is the mean gold reward of responses sampled at temperature 1 from the new
@@ -12,9 +12,9 @@ import time
 from statistics import fmean
 from typing import Any
 
-from actors.evaluation import sample_gold
-from actors.offline import sft_loop
+from actors.training.offline import sft_loop
 from pipeline.stages.context import StageContext
+from pipeline.stages.evaluation import sample_gold
 from pipeline.stages.heldout import heldout_rows, remote, unique
 from pipeline.stages.offline import fit, last_epoch, offline_job, train_dataset
 

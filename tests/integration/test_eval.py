@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from actors.evaluation import preference_accuracy
 from pipeline.algo import best_of_n_kl
 from pipeline.config import load_config
 from pipeline.metrics import plot_calibration
 from pipeline.run import run
 from pipeline.stages import Artifacts, StageContext
 from pipeline.stages import eval as eval_stage
+from pipeline.stages.evaluation import preference_accuracy
 from pipeline.tasks.tiny_models import build_reward_model
 from tests.integration.conftest import continue_run
 

@@ -199,7 +199,7 @@ def flaky_sft_loop(config):
     """sft_loop whose first attempt dies right after reporting its first epoch checkpoint."""
     import ray.train
 
-    import actors.offline as offline
+    import actors.training.offline as offline
 
     if ray.train.get_checkpoint() is None:
         report = offline.report_epoch
@@ -213,7 +213,7 @@ def flaky_sft_loop(config):
 
 
 def test_a_failed_worker_resumes_from_the_last_epoch_checkpoint(local_ray, task_dir, tmp_path):
-    from actors.offline import OfflineJob
+    from actors.training.offline import OfflineJob
     from pipeline.stages.offline import fit, train_dataset
 
     policy = task_dir / "models/policy"

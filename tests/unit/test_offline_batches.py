@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from actors.offline import PAIR_LOSSES, interleave, pair_sequence_batch, score_batch, sequence_batch
 from actors.sequences import response_logprobs
+from actors.training.objectives import PAIR_LOSSES, interleave, pair_sequence_batch, score_batch, sequence_batch
 from pipeline.algo import sft_loss
 from pipeline.batches import rows
 from pipeline.config import DpoConfig, load_config

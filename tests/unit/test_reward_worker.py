@@ -14,14 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from actors.reward import (
-    RemoteRewardError,
-    RewardError,
-    RewardWorker,
-    reward_model_inputs,
-    reward_model_scores,
-    reward_model_text,
-)
+from actors.reward import RemoteRewardError, RewardError, RewardWorker
+from actors.scoring import reward_model_inputs, reward_model_scores, reward_model_text
 from pipeline.config import RewardConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.tasks.synthetic import gold_reward
