@@ -95,10 +95,11 @@ def train_pairs(ctx: StageContext, init: Path) -> Any:
     policy sample) pairs as well."""
     rm, columns = ctx.cfg.rm, ["prompt", "chosen", "rejected"]
     parts = []
-    if rm.pairs in ("data", "both"):
-        parts.append(train_dataset(ctx, "preferences", init))
+    # the rated pairs first: without a task they fail with the message that names rm.pairs
     if rm.pairs in ("policy", "both"):
         parts.append(rated_policy_pairs(ctx, ctx.policy_dir(), rm.policy_pairs_per_prompt, key="rm.pairs"))
+    if rm.pairs in ("data", "both"):
+        parts.insert(0, train_dataset(ctx, "preferences", init))
     if rm.demonstration_pairs:
         parts.append(demonstration_dataset(ctx))
     if len(parts) == 1:
