@@ -56,6 +56,8 @@ Tensor = torch.Tensor
 STATE = "offline_state.json"  # in each checkpoint: {"member": k, "epochs_done": e}
 PROGRESS_S = 20.0  # rank 0 reports the updates done within an epoch at least this often
 SHUFFLE_ROWS = 4096  # local shuffle buffer: the whole of a tiny dataset, a window of a large one
+
+
 @dataclass(frozen=True)
 class OfflineJob:
     """What every worker of one offline stage gets: its slice of the config and the paths."""

@@ -1,19 +1,11 @@
-"""The one config schema of a raylign run, and the one place where YAML and `a.b=value` overrides are merged.
-
-Every default lives here and nowhere else (STYLE.md rule 2): call sites read `cfg.section.key`, never
-`dict.get("key", default)`. Models are frozen and reject unknown keys, so a typo is an error, not a no-op.
-"""
+"""The run, data, model and RL sections of the config schema (pipeline.config re-exports them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-
-from pipeline.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Stage = Literal["synth", "sft", "reward", "dpo", "irl", "rl", "eval"]
 DEFAULT_STAGES: tuple[Stage, ...] = ("synth", "sft", "reward", "rl")
@@ -32,12 +24,16 @@ class RunConfig(Section):
     checkpoint_every: int = Field(10, ge=1, description="Write a checkpoint every this many RL steps.")
     max_bad_steps: int = Field(3, ge=1, description="Stop after this many non-finite updates in a row.")
     max_restarts: int = Field(
-        3, ge=0, description="Restarts of each rollout, reward and reference actor after a crash (its calls in "
-        "flight are retried, a restarted rollout worker loads the current weights)."
+        3,
+        ge=0,
+        description="Restarts of each rollout, reward and reference actor after a crash (its calls in "
+        "flight are retried, a restarted rollout worker loads the current weights).",
     )
     max_failures: int = Field(
-        0, ge=0, description="RL: times the run restarts the learners (and all roles) from the last checkpoint after "
-        "a learner dies; 0 stops the run with a message (resume it with `raylign run --resume`)."
+        0,
+        ge=0,
+        description="RL: times the run restarts the learners (and all roles) from the last checkpoint after "
+        "a learner dies; 0 stops the run with a message (resume it with `raylign run --resume`).",
     )
     eval_prompts: int = Field(
         64, ge=1, description="Held-out (test split) prompts sampled before and after RL to measure the gold reward."
@@ -126,8 +122,9 @@ class RolloutConfig(Section):
         "far below; bf16 on GPU needs more (docs/models.md).",
     )
     on_mismatch: Literal["warn", "error"] = Field(
-        "warn", description="Above max_logprob_mismatch: warn in one line, or stop the run (exit 1) before the step "
-        "is checkpointed."
+        "warn",
+        description="Above max_logprob_mismatch: warn in one line, or stop the run (exit 1) before the step "
+        "is checkpointed.",
     )
 
 
@@ -357,348 +354,3 @@ class PlacementConfig(Section):
         if any(len(group) < 2 for group in self.colocate):
             raise ValueError(f"colocate: each group needs at least 2 roles: {self.colocate}")
         return self
-
-
-# The fields every offline training section (sft, rm, dpo, irl) has, each defined once: its constraint, its
-# description and the default the stages share. Field factories rather than a base section: the learning rate and
-# epochs keep a default per stage, and each section keeps its own key order (a base class's fields come first).
-
-
-def offline_lr(default: float, *, of: str) -> Any:
-    """`lr` of an offline stage: it takes the place of learner.lr in the stage's engine."""
-    return Field(default, gt=0, description=f"Learning rate (AdamW) of {of}.")
-
-
-def offline_epochs(default: int, *, over: str) -> Any:
-    """`epochs` of an offline stage: it takes the place of learner.epochs in the stage's engine."""
-    return Field(default, ge=1, description=f"Passes over {over}.")
-
-
-def offline_batch_size(*, rows: str) -> Any:
-    """`batch_size` of an offline stage: the global batch, split evenly over learner.num_workers."""
-    return Field(32, ge=1, description=f"{rows} per optimizer update, over all workers together.")
-
-
-def offline_max_tokens() -> Any:
-    """`max_tokens_per_micro_batch` of an offline stage: it takes the place of learner.max_tokens_per_micro_batch in
-    the stage's engine (learner.packing chooses the layout whose tokens it counts)."""
-    return Field(
-        None,
-        ge=1,
-        description="Token budget of one forward/backward, in place of learner.micro_batch_size: rows go longest "
-        "first into the first micro-batch with room (a pair's two rows together; counted as packed, or padded when "
-        "learner.packing is off); loss weights stay over the whole update. None: learner.micro_batch_size rows each.",
-    )
-
-
-def offline_max_failures() -> Any:
-    return Field(
-        1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
-    )
-
-
-class SftConfig(Section):
-    """The `sft` stage: next-token loss on the demonstrations' response tokens, on Ray Train. The optimizer and
-    engine settings not listed here (betas, warmup, ZeRO stage, micro-batch, workers) come from `learner`."""
-
-    lr: float = offline_lr(1e-3, of="supervised fine-tuning")
-    epochs: int = offline_epochs(4, over="the training demonstrations")
-    batch_size: int = offline_batch_size(rows="Demonstrations")
-    max_tokens_per_micro_batch: int | None = offline_max_tokens()
-    max_failures: int = offline_max_failures()
-    eval_samples: int = Field(4, ge=1, description="Responses sampled per held-out prompt for sft/gold_reward.")
-
-
-class RewardTrainConfig(Section):
-    """The `reward` stage: Bradley-Terry reward models from preferences, on Ray Train (`reward.ensemble_size`
-    members). Engine settings not listed here come from `learner`."""
-
-    init: Literal["task", "policy"] = Field(
-        "task",
-        description="Start each member from `task`: the synthetic task's reward model when the run has one (else the "
-        "policy), or from `policy`: the current policy (e.g. the SFT model, as in InstructGPT) with a new head.",
-    )
-    lr: float = offline_lr(3e-4, of="reward-model training")
-    epochs: int = offline_epochs(2, over="the training preference pairs, per ensemble member")
-    batch_size: int = offline_batch_size(rows="Preference pairs")
-    max_tokens_per_micro_batch: int | None = offline_max_tokens()
-    bootstrap: bool = Field(
-        False, description="Train each ensemble member on a bootstrap resample (Poisson(1) copies of each pair)."
-    )
-    pairs: Literal["data", "policy", "both"] = Field(
-        "data",
-        description="`data`: the preferences file's train split; `policy`: pairs of the current policy's own samples "
-        "on the training prompts, labelled by the synthetic task's simulated raters (needs a `synth` stage; as "
-        "InstructGPT's labellers rated its SFT model's samples); `both`: the two together.",
-    )
-    policy_pairs_per_prompt: int = Field(8, ge=1, description="pairs=policy/both: sample pairs labelled per prompt.")
-    demonstration_pairs: bool = Field(
-        False, description="Also train on (demonstration, policy sample) pairs, the demonstration preferred: one per "
-        "row of data.demos' train split, the sample drawn from the policy before the stage (the irl stage's first "
-        "round as extra preferences), so one reward model learns from preferences and demonstrations together.",
-    )
-    max_failures: int = offline_max_failures()
-
-
-class DpoConfig(Section):
-    """The `dpo` stage: DPO / IPO / cDPO against the policy before the stage, on Ray Train. Engine settings not
-    listed here come from `learner`."""
-
-    beta: float = Field(0.1, gt=0, description="KL strength beta (the IPO paper's tau for loss_type=ipo).")
-    loss_type: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="`sigmoid`: DPO (Rafailov et al. 2023); `ipo`: IPO (Azar et al. 2023)."
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped preference labels (sigmoid loss only)."
-    )
-    lr: float = offline_lr(1e-5, of="DPO")
-    epochs: int = offline_epochs(1, over="the training preference pairs")
-    batch_size: int = offline_batch_size(rows="Preference pairs")
-    max_tokens_per_micro_batch: int | None = offline_max_tokens()
-    max_failures: int = offline_max_failures()
-    eval_samples: int = Field(4, ge=1, description="Sample pairs per held-out prompt for dpo/gold_win_rate.")
-    pairs: Literal["data", "policy"] = Field(
-        "data",
-        description="`data`: the preferences file; `policy`: pairs of the reference policy's own samples on the "
-        "training prompts, labelled by the synthetic task's simulated raters (needs a `synth` stage).",
-    )
-    policy_pairs_per_prompt: int = Field(4, ge=1, description="pairs=policy: sample pairs labelled per prompt.")
-
-    @model_validator(mode="after")
-    def _smoothing_needs_sigmoid(self) -> DpoConfig:
-        if self.label_smoothing != 0 and self.loss_type != "sigmoid":
-            raise ValueError(
-                f"dpo.label_smoothing = {self.label_smoothing} is only defined for loss_type=sigmoid "
-                f"(got loss_type={self.loss_type})"
-            )
-        return self
-
-
-class EvalConfig(Section):
-    """The `eval` stage: the policy against the reference on held-out prompts, best-of-N from the reference, and
-    reward-model calibration on held-out preference pairs. Sampling uses `rollout` (engine, workers, chunks,
-    max_new_tokens) at temperature 1 and top_p 1, so the sampled-token logprobs give an unbiased KL estimate."""
-
-    num_prompts: int = Field(64, ge=1, description="Held-out prompts (test split, in file order) to sample.")
-    samples_per_prompt: int = Field(
-        8, ge=1, description="Responses per prompt from the policy and from the reference for win rates, rewards, KL."
-    )
-    best_of_n: int = Field(
-        64,
-        ge=1,
-        description="Largest N of the best-of-N curve (N = 1, 2, 4, ..., this; a power of 2): this many reference "
-        "samples are drawn and scored per prompt.",
-    )
-    bootstrap_resamples: int = Field(1000, ge=100, description="Bootstrap resamples (of prompts) per interval.")
-    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the bootstrap confidence intervals.")
-    calibration_bins: int = Field(10, ge=2, description="Bins of predicted probability in the reliability plot.")
-    gold_reward: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
-        description='Gold reward "module:function" to judge samples by; None: the synthetic task\'s, when the run '
-        "has one.",
-    )
-
-    @field_validator("best_of_n")
-    @classmethod
-    def _power_of_two(cls, n: int) -> int:
-        if n & (n - 1):
-            raise ValueError(f"must be a power of 2 (1, 2, 4, ..., 64), got {n}")
-        return n
-
-
-class IrlConfig(Section):
-    """The `irl` stage: reward learning from demonstrations only. Each round samples the current policy on the
-    demonstrations' prompts, trains the reward model as a discriminator (demonstrations above policy samples) on
-    Ray Train, then runs `rl_steps` RL steps against it. Engine settings not listed here come from `learner`."""
-
-    method: Literal["adversarial", "afd"] = Field(
-        "adversarial",
-        description="`adversarial`: each round samples the current policy and refits the discriminator (GAIL / AIRL); "
-        "`afd`: one reward model from the demonstrations against the initial policy's samples (round 1), then the "
-        "RL steps of every round against it (Sun & van der Schaar 2024, alignment from demonstrations).",
-    )
-    rounds: int = Field(3, ge=1, description="Rounds of (sample, discriminator update, RL steps).")
-    rl_steps: int = Field(10, ge=1, description="RL steps (policy updates) per round.")
-    init: Literal["task", "policy"] = Field(
-        "policy",
-        description="Start the discriminator from `policy`: the policy before the stage with a new one-label head, "
-        "or `task`: the synthetic task's random-init reward model. Later rounds continue from the last round's.",
-    )
-    replay_rounds: int = Field(
-        3, ge=0, description="The discriminator also sees policy samples of up to this many earlier rounds (one per "
-        "demonstration, from a random earlier round, next to this round's): the policy cannot go back to an old "
-        "exploit. 0: this round's samples only."
-    )
-    standardize_reward: bool = Field(
-        True, description="Each round's RL reward is the discriminator's score divided by its std on that round's "
-        "demonstrations and policy samples, so a sharper discriminator does not outweigh the KL leash."
-    )
-    lr: float = offline_lr(3e-4, of="the discriminator")
-    epochs: int = offline_epochs(1, over="one round's (demonstration, policy sample) pairs")
-    batch_size: int = offline_batch_size(rows="(demonstration, sample) pairs")
-    max_tokens_per_micro_batch: int | None = offline_max_tokens()
-    max_failures: int = offline_max_failures()
-
-
-class Config(Section):
-    run: RunConfig = Field(default_factory=RunConfig)
-    stages: list[Stage] = Field(default_factory=lambda: list(DEFAULT_STAGES), min_length=1)
-    synth: SynthConfig = Field(default_factory=SynthConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    algo: AlgoConfig = Field(default_factory=AlgoConfig)
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    placement: PlacementConfig = Field(default_factory=PlacementConfig)
-    sft: SftConfig = Field(default_factory=SftConfig)
-    rm: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
-    dpo: DpoConfig = Field(default_factory=DpoConfig)
-    irl: IrlConfig = Field(default_factory=IrlConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Config:
-        for key, msg in _cross_field_problems(self):
-            raise ValueError(f"{key}: {msg}")
-        return self
-
-
-def _cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
-    problems = []
-    if cfg.algo.name in ("grpo", "rloo") and cfg.rollout.samples_per_prompt < 2:
-        problems.append(
-            (
-                "rollout.samples_per_prompt",
-                f"= {cfg.rollout.samples_per_prompt}, but algo.name={cfg.algo.name} "
-                "compares samples within a group and needs at least 2",
-            )
-        )
-    if cfg.algo.kl.controller == "adaptive" and cfg.algo.kl.target is None:
-        problems.append(("algo.kl.target", "is required when algo.kl.controller=adaptive"))
-    chunks, rest = divmod(cfg.rollout.prompts_per_step, cfg.rollout.chunk_size)
-    if {"rl", "irl"} & set(cfg.stages) and (rest or chunks % cfg.learner.num_workers):
-        problems.append(
-            (
-                "rollout.chunk_size",
-                f"= {cfg.rollout.chunk_size}: rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must be a "
-                f"multiple of it, in a number of chunks divisible by learner.num_workers ({cfg.learner.num_workers}): "
-                "every learner rank takes the same number of equal chunks per step",
-            )
-        )
-    if len(set(cfg.stages)) != len(cfg.stages):
-        problems.append(("stages", f"= {cfg.stages} lists a stage twice"))
-    return problems
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value), the value read as YAML (`[x, y]` is a list, `0.1` a float)."""
-    key, sep, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(p.strip() for p in parts):
-        raise ConfigError(f"override {text!r}: expected key=value with a dotted key, e.g. algo.kl.coef=0.1")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({_one_line(e)})") from None
-    return [p.strip() for p in parts], value
-
-
-def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` overrides to a plain dict from YAML; returns a new dict."""
-    merged = _deep_copy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        set_dotted(merged, parts, value, source=f"override {text!r}")
-    return merged
-
-
-def set_dotted(data: dict[str, Any], parts: list[str], value: Any, *, source: str) -> None:
-    """data[a][b][c] = value for parts ["a", "b", "c"], in place, making the sections on the way; ConfigError
-    (prefixed with `source`) when a prefix already holds a value, not a section."""
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or start from the schema defaults when `path` is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = read_yaml_mapping(Path(path))
-    return validate(merge_overrides(data, list(overrides)), source=str(path) if path else "defaults")
-
-
-def validate(data: dict[str, Any], *, source: str) -> Config:
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{source}: {describe_validation_error(e)}") from None
-
-
-def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections at the top, got {type(data).__name__}")
-    return data
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-
-
-def describe_validation_error(e: ValidationError) -> str:
-    """One line: the dotted key, the bad value and what is allowed (the first error, plus how many more)."""
-    errors = e.errors()
-    first = errors[0]
-    key = dotted_key(first["loc"])
-    if first["type"] == "extra_forbidden":
-        text = f"{key}: unknown key; allowed here: {', '.join(_allowed_keys(first['loc']))}"
-    elif first["type"] == "value_error" and not first["loc"]:
-        text = str(first["msg"]).removeprefix("Value error, ")
-    else:
-        text = f"{key} = {first['input']!r}: {first['msg']}"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return text + more
-
-
-def dotted_key(loc: tuple[Any, ...]) -> str:
-    """("stages", 1) -> "stages[1]"; ("algo", "kl", "coef") -> "algo.kl.coef"."""
-    key = ""
-    for part in loc:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    return key
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ["(see README config reference)"]
-        model = annotation
-    return list(model.model_fields)
-
-
-def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())

@@ -1,0 +1,78 @@
+"""The root of the config schema, `Config`, and its cross-field checks."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from pipeline.config.sections import (
+    DEFAULT_STAGES,
+    AlgoConfig,
+    CheckpointConfig,
+    DataConfig,
+    LearnerConfig,
+    ModelConfig,
+    PlacementConfig,
+    ReferenceConfig,
+    RewardConfig,
+    RolloutConfig,
+    RunConfig,
+    Section,
+    Stage,
+    SweepConfig,
+    SynthConfig,
+)
+from pipeline.config.stages import DpoConfig, EvalConfig, IrlConfig, RewardTrainConfig, SftConfig
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    stages: list[Stage] = Field(default_factory=lambda: list(DEFAULT_STAGES), min_length=1)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    rm: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    irl: IrlConfig = Field(default_factory=IrlConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        for key, msg in _cross_field_problems(self):
+            raise ValueError(f"{key}: {msg}")
+        return self
+
+
+def _cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
+    problems = []
+    if cfg.algo.name in ("grpo", "rloo") and cfg.rollout.samples_per_prompt < 2:
+        problems.append(
+            (
+                "rollout.samples_per_prompt",
+                f"= {cfg.rollout.samples_per_prompt}, but algo.name={cfg.algo.name} "
+                "compares samples within a group and needs at least 2",
+            )
+        )
+    if cfg.algo.kl.controller == "adaptive" and cfg.algo.kl.target is None:
+        problems.append(("algo.kl.target", "is required when algo.kl.controller=adaptive"))
+    chunks, rest = divmod(cfg.rollout.prompts_per_step, cfg.rollout.chunk_size)
+    if {"rl", "irl"} & set(cfg.stages) and (rest or chunks % cfg.learner.num_workers):
+        problems.append(
+            (
+                "rollout.chunk_size",
+                f"= {cfg.rollout.chunk_size}: rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must be a "
+                f"multiple of it, in a number of chunks divisible by learner.num_workers ({cfg.learner.num_workers}): "
+                "every learner rank takes the same number of equal chunks per step",
+            )
+        )
+    if len(set(cfg.stages)) != len(cfg.stages):
+        problems.append(("stages", f"= {cfg.stages} lists a stage twice"))
+    return problems
