@@ -183,7 +183,7 @@ class IrlConfig(Section):
         "exploit. 0: this round's samples only.",
     )
     standardize_reward: bool = Field(
-        True,
+        False,
         description="Each round's RL reward is the discriminator's score divided by its std on that round's "
         "demonstrations and policy samples, so a sharper discriminator does not outweigh the KL leash.",
     )
