@@ -66,8 +66,14 @@ class ValueLearner:
 
         # the critic trains while the policy learners do: the two groups share the cores
         self._engine = start_engine(self.cfg, self.dist, self.seed, load, groups=2)
-        self.layout = choose_layout(self.engine.model, self.engine.module, self.engine.device, self.cfg.packing,
-                                    who="critic", quiet=self.dist.rank > 0)
+        self.layout = choose_layout(
+            self.engine.model,
+            self.engine.module,
+            self.engine.device,
+            self.cfg.packing,
+            who="critic",
+            quiet=self.dist.rank > 0,
+        )
         return time.perf_counter() - start
 
     def compute_values(self, batch: Batch) -> Tensor:
@@ -91,8 +97,14 @@ class ValueLearner:
 
         def loss_fn(i: int, mb: TrainBatch) -> tuple[Tensor, dict[str, float]]:
             assert mb.old_values is not None and mb.returns is not None  # checked on the whole batch above
-            return value_loss(self._values(mb), mb.old_values, mb.returns, mb.response_mask,
-                              clip=self.algo.value_clip, agg=self.algo.loss_agg)
+            return value_loss(
+                self._values(mb),
+                mb.old_values,
+                mb.returns,
+                mb.response_mask,
+                clip=self.algo.value_clip,
+                agg=self.algo.loss_agg,
+            )
 
         for _ in range(self.cfg.epochs):
             m = accumulate_update(
@@ -107,13 +119,13 @@ class ValueLearner:
                 return {**m, "timing/critic_step": time.perf_counter() - start}
             m["value/grad_norm"] = m.pop("grad_norm")
             metrics.append(m)
-        tokens = token_metrics(lengths_of(batch.prompt_mask, batch.response_mask), plan, self.layout,
-                               passes=self.cfg.epochs)
+        tokens = token_metrics(
+            lengths_of(batch.prompt_mask, batch.response_mask), plan, self.layout, passes=self.cfg.epochs
+        )
         return {**mean_metrics(metrics), **tokens, "timing/critic_step": time.perf_counter() - start}
 
     def _values(self, mb: TrainBatch) -> Tensor:
-        return self.layout.values(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                  mb.response_mask)
+        return self.layout.values(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
 
     def _plan(self, batch: Batch, *, sync: bool) -> list[Tensor]:
         return micro_batch_plan(batch, self.cfg, self.layout, self.dist.world_size, self.engine.device, sync=sync)

@@ -65,8 +65,14 @@ class PolicyLearner:
         load = lambda: AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)  # noqa: E731
         groups = 2 if self.algo.name == "ppo" else 1  # PPO's critic trains beside the policy
         self._engine = start_engine(self.cfg, self.dist, self.seed, load, groups=groups)
-        self.layout = choose_layout(self.engine.model, self.engine.module, self.engine.device, self.cfg.packing,
-                                    who="learner", quiet=self.dist.rank > 0)
+        self.layout = choose_layout(
+            self.engine.model,
+            self.engine.module,
+            self.engine.device,
+            self.cfg.packing,
+            who="learner",
+            quiet=self.dist.rank > 0,
+        )
         return time.perf_counter() - start
 
     def compute_logprobs(self, batch: Batch) -> Tensor:
@@ -127,8 +133,10 @@ class PolicyLearner:
             block = next(self._stream)
             items += [pickle.loads(p) for p in block.column("payload").to_pylist()]
         if any(it.step != step for it in items):
-            raise RuntimeError(f"experience stream out of step: rank {self.dist.rank} expected step {step}, got "
-                               f"chunks of steps {sorted({it.step for it in items})}")
+            raise RuntimeError(
+                f"experience stream out of step: rank {self.dist.rank} expected step {step}, got "
+                f"chunks of steps {sorted({it.step for it in items})}"
+            )
         if any(it.train is None or it.metrics is None for it in items):
             raise RuntimeError(f"step {step}: a chunk reached learner rank {self.dist.rank} without its experience")
         metrics = [it.metrics for it in items if it.metrics is not None]
@@ -178,8 +186,7 @@ class PolicyLearner:
         }
 
     def _logprobs(self, mb) -> Tensor:
-        return self.layout.logprobs(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids,
-                                    mb.response_mask)
+        return self.layout.logprobs(self.engine.model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
 
     def _plan(self, batch: Batch, *, sync: bool) -> list[Tensor]:
         return micro_batch_plan(batch, self.cfg, self.layout, self.dist.world_size, self.engine.device, sync=sync)

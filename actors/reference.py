@@ -48,8 +48,12 @@ class ReferenceWorker:
         device = next(model.parameters()).device
         out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)
         fields = (rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids, rollouts.response_mask)
-        plan = micro_batches(lengths_of(rollouts.prompt_mask, rollouts.response_mask), rows=self.cfg.micro_batch_size,
-                             max_tokens=self.cfg.max_tokens_per_micro_batch, tokens=self.layout.tokens)
+        plan = micro_batches(
+            lengths_of(rollouts.prompt_mask, rollouts.response_mask),
+            rows=self.cfg.micro_batch_size,
+            max_tokens=self.cfg.max_tokens_per_micro_batch,
+            tokens=self.layout.tokens,
+        )
         for idx in plan:
             out[idx] = self.layout.logprobs(model, *(t[idx].to(device) for t in fields)).cpu()
         return out

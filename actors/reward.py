@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from actors.hf import load_frozen_model
 from actors.scoring import choose_score_layout, reward_model_inputs, score_plan
 from pipeline.algo import ensemble_mean_std, uncertainty_penalized
-from pipeline.config import RewardConfig
+from pipeline.config import RewardConfig, RewardSource
 from pipeline.errors import ConfigError
 from pipeline.types import Rollouts
 
@@ -79,6 +79,9 @@ def checked_rewards(values, count: int, source: str) -> Tensor:
 
 
 class Scorer(Protocol):
+    @classmethod
+    def from_config(cls, cfg: RewardConfig, model_dirs: Sequence[Path]) -> Scorer: ...
+
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
         """Rewards of B (prompt, response) pairs from K members: [K, B] float32 on CPU."""
         ...
@@ -160,6 +163,8 @@ class FunctionScorer:
 
     @classmethod
     def from_config(cls, cfg: RewardConfig, model_dirs: Sequence[Path]) -> FunctionScorer:
+        if cfg.function is None:
+            raise ConfigError("reward.function is not set")
         return cls(cfg.function)
 
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
@@ -183,6 +188,8 @@ class RemoteScorer:
 
     @classmethod
     def from_config(cls, cfg: RewardConfig, model_dirs: Sequence[Path]) -> RemoteScorer:
+        if cfg.url is None:
+            raise ConfigError("reward.url is not set")
         return cls(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s)
 
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
@@ -225,10 +232,10 @@ class RemoteScorer:
             raise _Retry(f"bad reply ({type(e).__name__}: {e}): {data[:200]!r}") from None
 
 
-SCORERS: dict[str, type] = {"model": ModelScorer, "function": FunctionScorer, "url": RemoteScorer}
+SCORERS: dict[RewardSource, type[Scorer]] = {"model": ModelScorer, "function": FunctionScorer, "url": RemoteScorer}
 
 
-def configured_sources(cfg: RewardConfig, model_dirs: Sequence[Path]) -> list[str]:
+def configured_sources(cfg: RewardConfig, model_dirs: Sequence[Path]) -> list[RewardSource]:
     """The reward sources this config turns on, in SCORERS order."""
     given = {"model": len(model_dirs) > 0, "function": cfg.function is not None, "url": cfg.url is not None}
     return [name for name in SCORERS if given[name]]
@@ -242,7 +249,7 @@ class RewardWorker:
     def __init__(self, cfg: RewardConfig, model_dirs: Sequence[Path] = (), *, board: Any = None):
         self.cfg = cfg
         self.model_dirs = [Path(d) for d in model_dirs]
-        self.scorers: dict[str, Scorer] = {}
+        self.scorers: dict[RewardSource, Scorer] = {}
         self.board = board  # a WeightBoard actor to sign in with (restarts are counted there)
 
     def setup(self) -> None:
@@ -277,7 +284,8 @@ class RewardWorker:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         scores = torch.zeros(len(prompts))
-        parts, mean_std = {}, {}
+        parts: dict[str, Tensor] = {}
+        mean_std: dict[str, tuple[Tensor, Tensor]] = {}
         for name, scorer in self.scorers.items():
             if prompts:
                 mean_std[name] = ensemble_mean_std(scorer.score(list(prompts), list(responses)))

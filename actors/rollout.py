@@ -169,7 +169,7 @@ def _cpu_engine_args(cfg: RolloutConfig) -> dict:
 
 
 def _gpu_engine_args(cfg: RolloutConfig) -> dict:
-    """"mp" spawns one worker per GPU that Ray made visible to this actor (its bundle)."""
+    """ "mp" spawns one worker per GPU that Ray made visible to this actor (its bundle)."""
     from vllm.config import WeightTransferConfig
 
     return {

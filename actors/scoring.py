@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import BatchEncoding
 
 from actors.sequences import micro_batches, outputs_differ
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ def scored_positions(input_ids: Tensor, attention_mask: Tensor, pad_token_id: in
     return (columns * scored).argmax(dim=1)
 
 
-def reward_model_scores(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def reward_model_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The single logit of a sequence-classification model at each row's last real token, from padded rows: [B]
     float32. Columns that are padding in every row are dropped first (a micro-batch of short rows costs less).
 
@@ -81,7 +85,7 @@ def packed_row_tokens(lengths: Tensor, row_tokens: int = ROW_TOKENS) -> int:
 
 
 def packed_reward_scores(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, row_tokens: int = ROW_TOKENS
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, *, row_tokens: int = ROW_TOKENS
 ) -> Tensor:
     """`reward_model_scores` from packed rows [R, W]: the real tokens of the B sequences concatenated into a few
     rows (packed_rows), positions restarting at 0 per sequence, the rest of a row a filler block of pad ids with
@@ -104,12 +108,13 @@ def packed_reward_scores(
     if not real[sequences, scored].all():
         raise ValueError("packed scores: a row has no real token to score")
     lengths = real.sum(dim=1).cpu()
-    row_of, start, used = torch.zeros(len(lengths), dtype=torch.long), torch.zeros(len(lengths), dtype=torch.long), []
+    row_of, start = torch.zeros(len(lengths), dtype=torch.long), torch.zeros(len(lengths), dtype=torch.long)
+    row_lengths: list[int] = []
     for r, idx in enumerate(packed_rows(lengths, row_tokens)):
         row_of[idx] = r
         start[idx] = lengths[idx].cumsum(0) - lengths[idx]  # each sequence's first column in its row
-        used.append(int(lengths[idx].sum()))
-    row_of, start, used = row_of.to(device), start.to(device), torch.tensor(used, device=device)
+        row_lengths.append(int(lengths[idx].sum()))
+    row_of, start, used = row_of.to(device), start.to(device), torch.tensor(row_lengths, device=device)
     width = int(used.max())
     position = real.long().cumsum(dim=1) - 1  # [B, L]: 0, 1, ... within each sequence
     column = start[:, None] + position
@@ -130,7 +135,7 @@ class ScoreLayout:
     forward computes."""
 
     name: str
-    scores: Callable[[torch.nn.Module, Tensor, Tensor], Tensor]
+    scores: Callable[[PreTrainedModel, Tensor, Tensor], Tensor]
     tokens: Callable[[Tensor], int]
 
 
@@ -145,7 +150,7 @@ def score_lengths(attention_mask: Tensor) -> Tensor:
     return attention_mask.sum(dim=1, keepdim=True).long().cpu()
 
 
-def score_probe(model: torch.nn.Module, device: torch.device) -> tuple[Tensor, Tensor]:
+def score_probe(model: PreTrainedModel, device: torch.device) -> tuple[Tensor, Tensor]:
     """Two left-padded rows for choose_score_layout: a long one (12 tokens) and a short one (4), no pad ids."""
     config = model.config
     g = torch.Generator().manual_seed(0)
@@ -157,7 +162,7 @@ def score_probe(model: torch.nn.Module, device: torch.device) -> tuple[Tensor, T
 
 
 def choose_score_layout(
-    model, module: torch.nn.Module, device: torch.device, packing: bool, *, who: str, quiet: bool = False
+    model, module: PreTrainedModel, device: torch.device, packing: bool, *, who: str, quiet: bool = False
 ) -> ScoreLayout:
     """The packed scoring layout when `packing` is on and packed scores of score_probe equal padded ones (as
     actors.sequences.choose_layout decides for causal LMs), else the padded one, with one log line naming why."""

@@ -21,10 +21,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from pipeline.algo import token_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -40,7 +44,7 @@ def join(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     return input_ids, attention_mask, position_ids
 
 
-def response_logits(model: torch.nn.Module, prompt_ids, prompt_mask, response_ids, response_mask) -> Tensor:
+def response_logits(model: PreTrainedModel, prompt_ids, prompt_mask, response_ids, response_mask) -> Tensor:
     """Logits that predict each response token: [B, T, V] (the logit at position t-1 predicts token t)."""
     input_ids, attention_mask, position_ids = join(prompt_ids, prompt_mask, response_ids, response_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -48,7 +52,7 @@ def response_logits(model: torch.nn.Module, prompt_ids, prompt_mask, response_id
     return logits[:, tp - 1 : -1, :]
 
 
-def response_logprobs(model: torch.nn.Module, prompt_ids, prompt_mask, response_ids, response_mask) -> Tensor:
+def response_logprobs(model: PreTrainedModel, prompt_ids, prompt_mask, response_ids, response_mask) -> Tensor:
     """Per-token logprobs of the response tokens under `model`: [B, T] float32, 0 where the mask is False."""
     logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     logprobs = token_logprobs(logits, response_ids)
@@ -170,17 +174,18 @@ def probe_batch(vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor, 
     prompt_mask = torch.tensor([[True] * 5, [False] * 3 + [True] * 2])
     response_mask = torch.tensor([[True] * 11, [True] * 3 + [False] * 8])
     batch = (ids[:, :5] * prompt_mask, prompt_mask, ids[:, 5:] * response_mask, response_mask)
-    return tuple(t.to(device) for t in batch)
+    prompt_ids, prompt_mask, response_ids, response_mask = (t.to(device) for t in batch)
+    return prompt_ids, prompt_mask, response_ids, response_mask
 
 
-def packed_layout(module: torch.nn.Module) -> Layout:
+def packed_layout(module: PreTrainedModel) -> Layout:
     """The packed layout for `module`, its head run on the predicting positions only when it takes
     `logits_to_keep` (read from its forward's signature)."""
     keep = "logits_to_keep" in inspect.signature(module.forward).parameters
     return Layout("packed", partial(packed_outputs, keep_logits=keep), packed_tokens)
 
 
-def packing_problem(model, module: torch.nn.Module, device: torch.device, packed: Layout) -> str | None:
+def packing_problem(model, module: PreTrainedModel, device: torch.device, packed: Layout) -> str | None:
     """Why `module` (called through `model`, e.g. a DeepSpeed engine) cannot take packed sequences, or None when
     packed outputs equal padded ones on probe_batch (to 1e-4 of their scale in fp32, 2e-2 in 16-bit floats)."""
     batch = probe_batch(module.config.get_text_config().vocab_size, device)
@@ -193,7 +198,7 @@ def packing_problem(model, module: torch.nn.Module, device: torch.device, packed
     return outputs_differ(padded, got, module)
 
 
-def outputs_differ(padded: Tensor, packed: Tensor, module: torch.nn.Module) -> str | None:
+def outputs_differ(padded: Tensor, packed: Tensor, module: PreTrainedModel) -> str | None:
     """Why the packed outputs of a probe batch are not the padded ones (beyond 1e-4 of their scale in fp32, 2e-2 in
     16-bit floats), or None when they agree."""
     dtype = next(module.parameters()).dtype
@@ -201,13 +206,16 @@ def outputs_differ(padded: Tensor, packed: Tensor, module: torch.nn.Module) -> s
     diff = (packed - padded).abs().max().item()
     if not diff <= tol:
         attn = getattr(module.config, "_attn_implementation", None)
-        return (f"packed and padded outputs differ by {diff:.3g} > {tol:.3g} (attn_implementation={attn}): its "
-                "attention does not take packed positions")
+        return (
+            f"packed and padded outputs differ by {diff:.3g} > {tol:.3g} (attn_implementation={attn}): its "
+            "attention does not take packed positions"
+        )
     return None
 
 
-def choose_layout(model, module: torch.nn.Module, device: torch.device, packing: bool, *, who: str,
-                  quiet: bool = False) -> Layout:
+def choose_layout(
+    model, module: PreTrainedModel, device: torch.device, packing: bool, *, who: str, quiet: bool = False
+) -> Layout:
     """The packed layout when `packing` is on and the model passes packing_problem, else the padded one (with one
     log line naming why, unless quiet: e.g. every data-parallel rank but the first)."""
     if not packing:
@@ -270,7 +278,14 @@ def balanced_shards(lengths: Tensor, world_size: int) -> list[Tensor]:
     return [torch.tensor(sorted(s), dtype=torch.long) for s in shards]
 
 
-def token_metrics(lengths: Tensor, plan: list[Tensor], layout: Layout, *, passes: int = 1) -> dict[str, float]:
+class TokenCounter(Protocol):
+    """What counts a forward's tokens: a Layout, or an offline stage's Objective."""
+
+    @property
+    def tokens(self) -> Callable[[Tensor], int]: ...
+
+
+def token_metrics(lengths: Tensor, plan: list[Tensor], layout: TokenCounter, *, passes: int = 1) -> dict[str, float]:
     """`tokens/real`: prompt + response tokens of the sequences (lengths [B, 2]); `tokens/computed`: tokens the
     forward passes of `plan` compute in `layout`, padding included, over `passes` passes."""
     computed = sum(layout.tokens(lengths[idx]) for idx in plan)

@@ -48,7 +48,9 @@ class WeightBoard:
 
 
 def broadcast_weights(
-    named_tensors: dict[str, Tensor] | Sequence[tuple[str, Tensor]], version: int, rollout_actors: Sequence[Any],
+    named_tensors: dict[str, Tensor] | Sequence[tuple[str, Tensor]],
+    version: int,
+    rollout_actors: Sequence[Any],
     board: Any = None,
 ) -> float:
     """Load `named_tensors` (HF names; a dict or the (name, tensor) pairs `gather_weights` returns) as weight
@@ -65,8 +67,9 @@ def broadcast_weights(
     return time.perf_counter() - start
 
 
-def _broadcast_object_store(named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any],
-                            board: Any) -> None:
+def _broadcast_object_store(
+    named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any], board: Any
+) -> None:
     update = WeightUpdate(version, {name: t.detach().cpu().contiguous() for name, t in named_tensors.items()})
     ref = ray.put(update)  # one copy in the object store, read by every actor
     if board is not None:

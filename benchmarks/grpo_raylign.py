@@ -67,8 +67,7 @@ def main(spec_path: str, out_path: str) -> None:
             now = time.time()
             match event:
                 case EvalRow(step=step, metrics=metrics, final=final):
-                    events["evals"].append({"time": now, "step": step, **({"final": True} if final else {}),
-                                            **metrics})
+                    events["evals"].append({"time": now, "step": step, **({"final": True} if final else {}), **metrics})
                     if step == 0:
                         events["ready"] = now
                 case StepRow(step=step, metrics=metrics):

@@ -49,31 +49,54 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start_node(temp_dir: Path, *, num_cpus: int, head_address: str | None = None, port: int | None = None,
-               dashboard_port: int | None = None, resources: dict[str, float] | None = None,
-               env: dict[str, str] | None = None, timeout_s: float = 300.0, detach: bool = False) -> LocalNode:
+def start_node(
+    temp_dir: Path,
+    *,
+    num_cpus: int,
+    head_address: str | None = None,
+    port: int | None = None,
+    dashboard_port: int | None = None,
+    resources: dict[str, float] | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 300.0,
+    detach: bool = False,
+) -> LocalNode:
     """Start a head (`head_address` None) or a worker node joining `head_address`; -> once it runs.
     Every port a second node on this machine could collide on is chosen free unless given."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     ray = str(Path(sys.executable).parent / "ray")
-    cmd = [ray, "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}",
-           "--num-gpus=0", f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-           "--disable-usage-stats"]
+    cmd = [
+        ray,
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        "--disable-usage-stats",
+    ]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     dashboard_url = None
     if head_address is None:
         port = port or free_port()
         dashboard_port = dashboard_port or free_port()
-        cmd += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                "--include-dashboard=true", f"--ray-client-server-port={free_port()}"]
+        cmd += [
+            "--head",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={free_port()}",
+        ]
         head_address, dashboard_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
     else:
         cmd.append(f"--address={head_address}")
     log = temp_dir / ("head.log" if dashboard_url else "node.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=node_env(env),
-                                start_new_session=detach)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=node_env(env), start_new_session=detach)
     node = LocalNode(proc.pid, temp_dir, head_address, dashboard_url)
     deadline = time.monotonic() + timeout_s
     while STARTED not in log.read_text():
@@ -150,12 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.submit import auth_token
 
     if auth_token()[0] is None:  # a token for the head and for `raylign submit`, in ~/.ray/auth_token
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], check=True,
-                       stdout=subprocess.DEVNULL)
-    node = start_node(args.temp_dir, num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port,
-                      detach=True)
-    state.write_text(json.dumps({"pid": node.pid, "gcs_address": node.gcs_address,
-                                 "dashboard_url": node.dashboard_url}))
+        subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    node = start_node(
+        args.temp_dir, num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port, detach=True
+    )
+    state.write_text(
+        json.dumps({"pid": node.pid, "gcs_address": node.gcs_address, "dashboard_url": node.dashboard_url})
+    )
     print(f"local Ray head up (token auth, 127.0.0.1 only): dashboard {node.dashboard_url}, GCS {node.gcs_address}")
     print(f"  raylign submit configs/tiny_grpo.yaml --address {node.dashboard_url} --wait")
     return 0

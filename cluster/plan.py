@@ -130,8 +130,9 @@ def plan(cfg: Any, *, device: str = "cpu") -> ResourcePlan:
         groups[name] = [bundle(members)] * n
         strategy = "SPREAD" if all(STRATEGY[r] == "SPREAD" for r in members) else "PACK"
         for role in members:
-            roles[role] = RolePlan(role, name, groups[name][: counts[role]], share=1.0 / len(members),
-                                   strategy=strategy)
+            roles[role] = RolePlan(
+                role, name, groups[name][: counts[role]], share=1.0 / len(members), strategy=strategy
+            )
     return ResourcePlan(device=device, roles={r: roles[r] for r in ROLES if r in roles}, groups=groups)
 
 
@@ -181,8 +182,12 @@ def reserve(resource_plan: ResourcePlan, *, timeout_s: float = 120.0) -> dict[st
         except ray.exceptions.GetTimeoutError:
             free = {k: v for k, v in ray.available_resources().items() if "_group_" not in k}
             missing = sorted(set(bundles[0]) - set(ray.cluster_resources()))
-            hint = (f"; no node has {', '.join(missing)} (start nodes with `ray start --resources="
-                    f"'{{\"{missing[0]}\": N}}'`, or change placement.resources)" if missing else "")
+            hint = (
+                f"; no node has {', '.join(missing)} (start nodes with `ray start --resources="
+                f"'{{\"{missing[0]}\": N}}'`, or change placement.resources)"
+                if missing
+                else ""
+            )
             release(made)
             raise RuntimeError(
                 f"could not place {name} ({len(bundles)} bundles of {bundles[0]}) within {timeout_s:.0f} s; "
@@ -199,8 +204,15 @@ def release(groups: dict[str, Any]) -> None:
             ray.util.remove_placement_group(pg)
 
 
-def spawn(cls: type, role_plan: RolePlan, groups: dict[str, Any], args_per_actor: list[tuple], kwargs=None, *,
-          restarts: int = 0) -> list:
+def spawn(
+    cls: type,
+    role_plan: RolePlan,
+    groups: dict[str, Any],
+    args_per_actor: list[tuple],
+    kwargs=None,
+    *,
+    restarts: int = 0,
+) -> list:
     """Make `cls` a Ray actor and start one per bundle of the role, actor i in bundle i of its group. With
     `restarts` > 0 Ray restarts a crashed actor in its bundle that many times and retries its calls in flight."""
     import ray
@@ -212,7 +224,11 @@ def spawn(cls: type, role_plan: RolePlan, groups: dict[str, Any], args_per_actor
     actors = []
     for i, args in enumerate(args_per_actor):
         strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
-        options = {**role_plan.actor_resources(i), "scheduling_strategy": strategy, "max_restarts": restarts,
-                   "max_task_retries": restarts}
+        options = {
+            **role_plan.actor_resources(i),
+            "scheduling_strategy": strategy,
+            "max_restarts": restarts,
+            "max_task_retries": restarts,
+        }
         actors.append(ray.remote(cls).options(**options).remote(*args, **(kwargs or {})))
     return actors

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_data_check)
 
     run = commands.add_parser(
-        "run", help="run the configured stages on a local Ray (or the cluster in RAY_ADDRESS)",
+        "run",
+        help="run the configured stages on a local Ray (or the cluster in RAY_ADDRESS)",
         description="Run every stage of CONFIG in order into a new run dir (<run.output_dir>/<run.name>-<time>), "
         "whose path is the last line printed. Exit 130/143 on SIGINT/SIGTERM after checkpointing the RL step "
         "that finished; --resume RUN_DIR continues from the last complete checkpoint.",
@@ -158,12 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="CONFIG")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.max_steps=5 algo.kl.coef=0.1")
     run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run dir (its saved config)")
-    run.add_argument("--verbose", action="store_true",
-                     help="show the libraries' logs (Ray, vLLM, DeepSpeed) here too, not only in RUN_DIR/logs/")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' logs (Ray, vLLM, DeepSpeed) here too, not only in RUN_DIR/logs/",
+    )
     run.set_defaults(func=cmd_run)
 
     sweep = commands.add_parser(
-        "sweep", help="Ray Tune trials over config keys (e.g. the KL coefficient); the reward-vs-KL frontier",
+        "sweep",
+        help="Ray Tune trials over config keys (e.g. the KL coefficient); the reward-vs-KL frontier",
         description="Run the stages before `rl` once, then one Ray Tune trial per point of the `sweep.space` of "
         "CONFIG, each running `rl` and reporting every step, in a new sweep dir (printed last) with results.csv, "
         "best.yaml and frontier.png. Exit 130 on SIGINT after saving the Tune state; --resume SWEEP_DIR runs only "
@@ -175,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
 
     report = commands.add_parser(
-        "report", help="write RUN_DIR/report.html: one self-contained page of a run",
+        "report",
+        help="write RUN_DIR/report.html: one self-contained page of a run",
         description="Write RUN_DIR/report.html (and print its path): summary.json and eval.json with their "
         "intervals, the stage timeline, every plot (embedded), the resolved config.yaml, and links to tb/ and "
         "models/. The page opens from disk, with no server and no network. `raylign run` writes it at its end.",

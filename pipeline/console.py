@@ -50,8 +50,9 @@ def quiet_driver_logs(log_dir: Path) -> Path | None:
         logging.captureWarnings(True)
         _redirect_native_stderr(path)
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in LIBRARY_LOGGERS)]
-    loggers += [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
-                if n.split(".")[0] in LIBRARY_LOGGERS]
+    loggers += [
+        logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in LIBRARY_LOGGERS
+    ]
     for logger in loggers:
         for h in list(logger.handlers):
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):

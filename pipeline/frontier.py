@@ -95,8 +95,13 @@ def table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     """The one-screen table printed at the end of a sweep."""
     headers = ["trial", *keys, "reward", "gold", "KL", "steps", "status"]
     body = [
-        [str(r["trial"]), *(_fmt(r.get(k)) for k in keys), *(_fmt(r.get(k)) for k in FINAL_KEYS), str(r["steps"]),
-         r["status"]]
+        [
+            str(r["trial"]),
+            *(_fmt(r.get(k)) for k in keys),
+            *(_fmt(r.get(k)) for k in FINAL_KEYS),
+            str(r["steps"]),
+            r["status"],
+        ]
         for r in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(headers)]
@@ -128,13 +133,19 @@ def plot_frontier(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Pa
             spot = (round(r["kl/final"], 4), round(r[metric], 4))
             stacked[spot] = stacked.get(spot, -1) + 1
             filled = r["status"] == "completed"
-            ax.scatter(r["kl/final"], r[metric], s=45, zorder=2, color="tab:blue" if filled else "white",
-                       edgecolors="tab:blue")
+            ax.scatter(
+                r["kl/final"], r[metric], s=45, zorder=2, color="tab:blue" if filled else "white", edgecolors="tab:blue"
+            )
             label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(r.get(k))}" for k in keys)
             if not filled:
                 label += f" ({r['status']})"
-            ax.annotate(label, (r["kl/final"], r[metric]), textcoords="offset points",
-                        xytext=(6, 5 + 11 * stacked[spot]), fontsize=8)
+            ax.annotate(
+                label,
+                (r["kl/final"], r[metric]),
+                textcoords="offset points",
+                xytext=(6, 5 + 11 * stacked[spot]),
+                fontsize=8,
+            )
         ax.set_xlabel("final KL to the reference (per sequence)")
         ax.set_ylabel(metric)
         ax.set_title(f"{title} vs KL")

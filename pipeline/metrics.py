@@ -37,8 +37,10 @@ def plot_metrics(steps: Iterable[StepRow], plots_dir: Path) -> list[Path]:
     plots_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, (title, keys) in PLOTS.items():
-        series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), int | float) and math.isfinite(r[k])]
-                  for k in keys}
+        series = {
+            k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), int | float) and math.isfinite(r[k])]
+            for k in keys
+        }
         if not any(series.values()):
             continue
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
@@ -128,8 +130,17 @@ def plot_best_of_n(report: dict[str, Any], path: Path) -> list[Path]:
         for row, x, y in zip(curve, kl, mean, strict=True):
             ax.annotate(f"N={row['n']}", (x, y), textcoords="offset points", xytext=(4, -11), fontsize=7)
         if key in policy:
-            ax.errorbar(policy["kl"]["mean"], policy[key]["mean"], xerr=_errors(policy["kl"]),
-                        yerr=_errors(policy[key]), fmt="*", markersize=12, color="C3", capsize=3, label="policy")
+            ax.errorbar(
+                policy["kl"]["mean"],
+                policy[key]["mean"],
+                xerr=_errors(policy["kl"]),
+                yerr=_errors(policy[key]),
+                fmt="*",
+                markersize=12,
+                color="C3",
+                capsize=3,
+                label="policy",
+            )
         ax.set_xlabel("KL to the reference (nats): log N - (N-1)/N for best-of-N")
         ax.set_ylabel(f"mean {label}")
         ax.set_title(f"{label}: best-of-N vs the policy")
@@ -159,8 +170,12 @@ def plot_gao(fits: dict[str, Any], path: Path) -> list[Path]:
         grid = torch.linspace(0.0, float(d.max()) * 1.05, 100, dtype=torch.float64)
         curve = gao_curve(GaoFit(form, fit["alpha"], fit["beta"], fit["r2"]), grid)
         ax.scatter(fit["d"], fit["gain"], s=14, color=f"C{i}", label=f"{labels.get(form, form)}")
-        ax.plot(grid.tolist(), curve.tolist(), color=f"C{i}",
-                label=f"fit: a={fit['alpha']:.3f} b={fit['beta']:.3f} R2={fit['r2']:.2f}")
+        ax.plot(
+            grid.tolist(),
+            curve.tolist(),
+            color=f"C{i}",
+            label=f"fit: a={fit['alpha']:.3f} b={fit['beta']:.3f} R2={fit['r2']:.2f}",
+        )
     ax.set_xlabel("d = sqrt(KL to the reference)")
     ax.set_ylabel("gold reward gain")
     ax.set_title("Gao et al. 2022 fits")
@@ -181,18 +196,26 @@ def plot_calibration(cal: dict[str, Any], path: Path) -> list[Path]:
         return []
     plt = _pyplot()
     ensemble = "disagreement" in cal
-    fig, axes = plt.subplots(1, 2 if ensemble else 1, figsize=(10.4 if ensemble else 5.2, 4.4), dpi=110,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, 2 if ensemble else 1, figsize=(10.4 if ensemble else 5.2, 4.4), dpi=110, squeeze=False)
     ax = axes[0][0]
     bins = cal["bins"]
     total = sum(b["count"] for b in bins)
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     ax.plot([b["confidence"] for b in bins], [b["frequency"] for b in bins], color="C0")
-    ax.scatter([b["confidence"] for b in bins], [b["frequency"] for b in bins],
-               s=[20 + 600 * b["count"] / total for b in bins], color="C0", zorder=3, label="reward model")
+    ax.scatter(
+        [b["confidence"] for b in bins],
+        [b["frequency"] for b in bins],
+        s=[20 + 600 * b["count"] / total for b in bins],
+        color="C0",
+        zorder=3,
+        label="reward model",
+    )
     acc = cal["accuracy"]
-    ax.set_title(f"{cal['pairs']} held-out pairs: accuracy {acc['mean']:.3f} "
-                 f"[{acc['low']:.3f}, {acc['high']:.3f}], ECE {cal['ece']:.3f}", fontsize=9)
+    ax.set_title(
+        f"{cal['pairs']} held-out pairs: accuracy {acc['mean']:.3f} "
+        f"[{acc['low']:.3f}, {acc['high']:.3f}], ECE {cal['ece']:.3f}",
+        fontsize=9,
+    )
     ax.set_xlabel("predicted P(preferred) = sigmoid(r_a - r_b)")
     ax.set_ylabel("observed frequency preferred")
     ax.set_xlim(0, 1)

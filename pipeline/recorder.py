@@ -23,8 +23,16 @@ class Recorder:
     round k's steps are numbered from offset = (k - 1) * irl.rl_steps and its rows carry {"irl/round": k}.
     `events()` and `summary()` read metrics.jsonl, so they cover the rows a resumed stage wrote before."""
 
-    def __init__(self, run_dir: Path, *, stage: str, total_steps: int, offset: int = 0,
-                 tags: dict[str, Any] | None = None, out: TextIO = sys.stdout):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        stage: str,
+        total_steps: int,
+        offset: int = 0,
+        tags: dict[str, Any] | None = None,
+        out: TextIO = sys.stdout,
+    ):
         self.run_dir, self.stage, self.total_steps = run_dir, stage, total_steps
         self.offset, self.tags = offset, dict(tags or {})
         self.out = out
@@ -87,8 +95,9 @@ class Recorder:
             self._tb = None
 
 
-def read_events(run_dir: Path, stage: str, *, offset: int = 0, tags: dict[str, Any] | None = None
-                ) -> list[StepRow | EvalRow]:
+def read_events(
+    run_dir: Path, stage: str, *, offset: int = 0, tags: dict[str, Any] | None = None
+) -> list[StepRow | EvalRow]:
     """The rows of `stage` in metrics.jsonl that carry `tags`, as the events the loop yielded: steps numbered less
     `offset`, the tags left out."""
     tags = tags or {}
@@ -106,8 +115,9 @@ def _event(row: dict[str, Any], offset: int, tags: dict[str, Any]) -> StepRow | 
     return StepRow(row["step"] - offset, metrics)
 
 
-def truncate(run_dir: Path, *, stage: str, after_step: int, offset: int = 0,
-             tags: dict[str, Any] | None = None) -> None:
+def truncate(
+    run_dir: Path, *, stage: str, after_step: int, offset: int = 0, tags: dict[str, Any] | None = None
+) -> None:
     """Drop the rows of `stage` that a loop resumed from the checkpoint of `after_step` (0 or -1: none) yields again:
     its steps after `after_step`, and its evaluations with the weights of `after_step` or later (the one before
     step 1 when there is no checkpoint; the final one always). Rows without `tags` (an earlier irl round, another
@@ -142,15 +152,17 @@ def rl_summary(events: list[StepRow | EvalRow], *, restarts: int) -> dict[str, A
         busy = sum(s.metrics.get("timing/step", 0.0) for s in steps)
         samples = sum(s.metrics.get("samples", 0) for s in steps)
         tokens = sum(s.metrics.get("tokens", 0) for s in steps)
-        out.update({
-            "steps": steps[-1].step,
-            "samples_per_s": samples / busy if busy else 0.0,
-            "tokens_per_s": tokens / busy if busy else 0.0,
-            "reward/initial": first.get("reward/mean"),
-            "reward/final": last.get("reward/mean"),
-            "kl/final": last.get("kl/ref"),
-            "mismatch/logprob_abs_max": max(s.metrics.get("mismatch/logprob_abs_max", 0.0) for s in steps),
-        })
+        out.update(
+            {
+                "steps": steps[-1].step,
+                "samples_per_s": samples / busy if busy else 0.0,
+                "tokens_per_s": tokens / busy if busy else 0.0,
+                "reward/initial": first.get("reward/mean"),
+                "reward/final": last.get("reward/mean"),
+                "kl/final": last.get("kl/ref"),
+                "mismatch/logprob_abs_max": max(s.metrics.get("mismatch/logprob_abs_max", 0.0) for s in steps),
+            }
+        )
         if "gold_reward/mean" in first:
             out["gold_reward/initial"] = first["gold_reward/mean"]
             out["gold_reward/final"] = last["gold_reward/mean"]

@@ -19,8 +19,19 @@ from pipeline.errors import UserError
 
 REPORT = "report.html"
 # summary.json keys shown first, in this order (DESIGN.md); the rest follow sorted.
-HEADLINE = ["steps", "wall_s", "samples_per_s", "tokens_per_s", "reward/initial", "reward/final",
-            "gold_reward/initial", "gold_reward/final", "kl/final", "mismatch/logprob_abs_max", "rm/heldout_accuracy"]
+HEADLINE = [
+    "steps",
+    "wall_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "reward/initial",
+    "reward/final",
+    "gold_reward/initial",
+    "gold_reward/final",
+    "kl/final",
+    "mismatch/logprob_abs_max",
+    "rm/heldout_accuracy",
+]
 # The reward stage records timing/rm: timing/reward is the rl stage's reward scoring.
 STAGE_TIMING = {"reward": "timing/rm"}
 STYLE = """
@@ -73,9 +84,12 @@ def render(run_dir: Path) -> str:
         _section("TensorBoard and models", links_html(run_dir)),
         _section("Resolved config (config.yaml)", f"<pre>{escape(config_text)}</pre>"),
     ]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(run_dir.name)} '
-            f"&middot; raylign report</title><style>{STYLE}</style></head>\n<body><main>\n"
-            + "\n".join(parts) + "\n</main></body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(run_dir.name)} '
+        f"&middot; raylign report</title><style>{STYLE}</style></head>\n<body><main>\n"
+        + "\n".join(parts)
+        + "\n</main></body></html>\n"
+    )
 
 
 def summary_html(summary: dict[str, Any], stages: list[str], eval_shown: bool) -> str:
@@ -91,8 +105,11 @@ def summary_html(summary: dict[str, Any], stages: list[str], eval_shown: bool) -
         if key.startswith(("timing/", "eval/")):
             group = "eval/*" if key.startswith("eval/") else "time inside stages (s)"
         bounded = f"{key}_low" in summary and f"{key}_high" in summary
-        value = (_interval(summary[key], summary[f"{key}_low"], summary[f"{key}_high"]) if bounded
-                 else escape(_fmt(summary[key])))
+        value = (
+            _interval(summary[key], summary[f"{key}_low"], summary[f"{key}_high"])
+            if bounded
+            else escape(_fmt(summary[key]))
+        )
         groups[group].append(f'<tr><td><code>{escape(key)}</code></td><td class="num">{value}</td></tr>')
     if not ordered:
         return _note("summary.json has no entries.")
@@ -117,28 +134,44 @@ def eval_html(run_dir: Path) -> tuple[str, bool]:
 
 def _eval_tables(ev: dict[str, Any]) -> str:
     level = ev.get("confidence")
-    out = [f'<p class="sub">{escape(_fmt(ev.get("prompts", "?")))} held-out prompts, '
-           f'{escape(_fmt(ev.get("samples_per_prompt", "?")))} samples each; intervals: '
-           f'{escape(_fmt(level * 100 if isinstance(level, int | float) else "?"))}% bootstrap over prompts '
-           f'({escape(_fmt(ev.get("bootstrap_resamples", "?")))} resamples).<br>policy '
-           f'<code>{escape(str(ev.get("policy", "?")))}</code>, reference '
-           f'<code>{escape(str(ev.get("reference", "?")))}</code></p>']
+    out = [
+        f'<p class="sub">{escape(_fmt(ev.get("prompts", "?")))} held-out prompts, '
+        f"{escape(_fmt(ev.get('samples_per_prompt', '?')))} samples each; intervals: "
+        f"{escape(_fmt(level * 100 if isinstance(level, int | float) else '?'))}% bootstrap over prompts "
+        f"({escape(_fmt(ev.get('bootstrap_resamples', '?')))} resamples).<br>policy "
+        f"<code>{escape(str(ev.get('policy', '?')))}</code>, reference "
+        f"<code>{escape(str(ev.get('reference', '?')))}</code></p>"
+    ]
     win, mine, theirs = ev.get("win_rate") or {}, ev.get("policy_means") or {}, ev.get("reference_means") or {}
     names = list(dict.fromkeys([*win, *mine, *theirs]))
-    rows = [f"<tr><td>{escape(n)}</td>" + "".join(f'<td class="num">{_iv(d.get(n))}</td>' for d in (mine, theirs, win))
-            + "</tr>" for n in names]
+    rows = [
+        f"<tr><td>{escape(n)}</td>"
+        + "".join(f'<td class="num">{_iv(d.get(n))}</td>' for d in (mine, theirs, win))
+        + "</tr>"
+        for n in names
+    ]
     if rows:
         out.append(_table(["measure", "policy mean", "reference mean", "policy win rate"], rows))
     if bon := ev.get("best_of_n"):
         out.append("<h3>Best-of-N from the reference</h3>")
-        out.append(_table(["N", "KL (analytic)", "reward", "gold reward"], [
-            f'<tr><td class="num">{escape(_fmt(r["n"]))}</td><td class="num">{escape(_fmt(r["kl"]))}</td>'
-            f'<td class="num">{_iv(r.get("reward"))}</td><td class="num">{_iv(r.get("gold"))}</td></tr>'
-            for r in bon]))
+        out.append(
+            _table(
+                ["N", "KL (analytic)", "reward", "gold reward"],
+                [
+                    f'<tr><td class="num">{escape(_fmt(r["n"]))}</td><td class="num">{escape(_fmt(r["kl"]))}</td>'
+                    f'<td class="num">{_iv(r.get("reward"))}</td><td class="num">{_iv(r.get("gold"))}</td></tr>'
+                    for r in bon
+                ],
+            )
+        )
     if cal := ev.get("calibration"):
         out.append("<h3>Reward-model calibration on held-out pairs</h3>")
-        cells = [("pairs", escape(_fmt(cal.get("pairs")))), ("members", escape(_fmt(cal.get("members")))),
-                 ("accuracy", _iv(cal.get("accuracy"))), ("ECE", escape(_fmt(cal.get("ece"))))]
+        cells = [
+            ("pairs", escape(_fmt(cal.get("pairs")))),
+            ("members", escape(_fmt(cal.get("members")))),
+            ("accuracy", _iv(cal.get("accuracy"))),
+            ("ECE", escape(_fmt(cal.get("ece")))),
+        ]
         if "disagreement_error_corr" in cal:
             cells.append(("corr(disagreement, error)", escape(_fmt(cal["disagreement_error_corr"]))))
         out.append(_table(["", ""], [f'<tr><td>{k}</td><td class="num">{v}</td></tr>' for k, v in cells]))
@@ -160,9 +193,11 @@ def timeline_html(summary: dict[str, Any], stages: list[str]) -> str:
     rows, start = [], 0.0
     for stage, seconds in spans:
         left, width = 100 * start / total, 100 * seconds / total
-        rows.append(f"<div><code>{escape(stage)}</code></div>"
-                    f'<div class="track"><div class="bar" style="left:{left:.2f}%;width:{width:.2f}%"></div></div>'
-                    f'<div class="num">{seconds:,.1f} s ({width:.0f}%)</div>')
+        rows.append(
+            f"<div><code>{escape(stage)}</code></div>"
+            f'<div class="track"><div class="bar" style="left:{left:.2f}%;width:{width:.2f}%"></div></div>'
+            f'<div class="num">{seconds:,.1f} s ({width:.0f}%)</div>'
+        )
         start += seconds
     missing = [s for s in stages if s not in dict(spans)]
     wall = summary.get("wall_s")
@@ -180,8 +215,9 @@ def plots_html(run_dir: Path) -> str:
     for png in pngs:
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         name = escape(str(png.relative_to(run_dir)))
-        figures.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}'
-                       "</figcaption></figure>")
+        figures.append(
+            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+        )
     return f'<div class="plots">{"".join(figures)}</div>'
 
 

@@ -80,8 +80,9 @@ class PromptStream:
         self.epoch, self.batch_in_epoch = epoch, skip
         batches: queue.Queue = queue.Queue(maxsize=self.AHEAD)
         stop = threading.Event()
-        thread = threading.Thread(target=self._read, args=(epoch, skip, batches, stop), daemon=True,
-                                  name="prompt-stream")
+        thread = threading.Thread(
+            target=self._read, args=(epoch, skip, batches, stop), daemon=True, name="prompt-stream"
+        )
         self._reader = (thread, batches, stop)
         thread.start()
 
@@ -101,8 +102,10 @@ class PromptStream:
                 prompts = [row["prompt"] for row in shuffled.take_all()]
                 n_batches = len(prompts) // self.batch_size  # the last partial batch is dropped
                 if n_batches == 0:
-                    raise ValueError(f"{self.path}: fewer training prompts than rollout.prompts_per_step "
-                                     f"({self.batch_size}); expected at least one full batch")
+                    raise ValueError(
+                        f"{self.path}: fewer training prompts than rollout.prompts_per_step "
+                        f"({self.batch_size}); expected at least one full batch"
+                    )
                 for n in range(skip + 1, n_batches + 1):
                     if not put((epoch, n, prompts[(n - 1) * self.batch_size : n * self.batch_size])):
                         return
@@ -205,11 +208,15 @@ def train_iter(cfg: Config, ctx: StageContext, stop=None) -> Iterator[LoopEvent]
             where = f"the last complete checkpoint {last}" if last else "the start of the stage (no checkpoint yet)"
             cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if failures == cfg.run.max_failures:
-                raise RunFailure(f"rl: an actor died ({cause}); after {failures} restart(s) (run.max_failures="
-                                 f"{cfg.run.max_failures}) the run stops; `raylign run --resume RUN_DIR` continues "
-                                 f"from {where}") from e
-            ctx.log(f"rl: an actor died ({cause}); restarting every role from {where} "
-                    f"(restart {failures + 1} of run.max_failures={cfg.run.max_failures})")
+                raise RunFailure(
+                    f"rl: an actor died ({cause}); after {failures} restart(s) (run.max_failures="
+                    f"{cfg.run.max_failures}) the run stops; `raylign run --resume RUN_DIR` continues "
+                    f"from {where}"
+                ) from e
+            ctx.log(
+                f"rl: an actor died ({cause}); restarting every role from {where} "
+                f"(restart {failures + 1} of run.max_failures={cfg.run.max_failures})"
+            )
             yield Restart(checkpoint.load_state(last)["step"] if last else 0, failures + 1)
 
 
@@ -276,11 +283,15 @@ def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Itera
                 raise RunFailure(
                     f"rl step {step}: non-finite {' and '.join(bad)} for {bad_in_a_row} steps in a row "
                     f"(run.max_bad_steps={cfg.run.max_bad_steps}); no update was made in them; last complete "
-                    f"checkpoint: {last if last else 'none'}")
+                    f"checkpoint: {last if last else 'none'}"
+                )
             if stop and stop():
                 return
-        yield EvalRow(cfg.run.max_steps, roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts),
-                                                       seed=cfg.run.seed), final=True)
+        yield EvalRow(
+            cfg.run.max_steps,
+            roles.evaluate(prompt_stream.heldout(cfg.run.eval_prompts), seed=cfg.run.seed),
+            final=True,
+        )
         roles.save_policy(Path(ctx.stage_dir("rl")) / "policy")
     finally:
         prompt_stream.close()

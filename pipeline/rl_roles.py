@@ -73,12 +73,16 @@ def check_mismatch(step: int, metrics: dict[str, float], cfg: RolloutConfig) -> 
     value = metrics.get("mismatch/logprob_abs_max")
     if value is None or metrics.get("weight_version") != step - 1 or value <= cfg.max_logprob_mismatch:
         return None
-    what = (f"rl step {step}: learner and rollout logprobs of the same tokens differ by up to {value:.3g} "
-            f"(mismatch/logprob_abs_max), over rollout.max_logprob_mismatch={cfg.max_logprob_mismatch:g}: the "
-            "engines sampled with weights that are not the learner's (weight sync), so the step is off-policy")
+    what = (
+        f"rl step {step}: learner and rollout logprobs of the same tokens differ by up to {value:.3g} "
+        f"(mismatch/logprob_abs_max), over rollout.max_logprob_mismatch={cfg.max_logprob_mismatch:g}: the "
+        "engines sampled with weights that are not the learner's (weight sync), so the step is off-policy"
+    )
     if cfg.on_mismatch == "error":
-        raise RunFailure(f"{what}; rollout.on_mismatch=error stops the run before step {step} is checkpointed "
-                         "(`raylign run --resume RUN_DIR` continues from the last complete checkpoint)")
+        raise RunFailure(
+            f"{what}; rollout.on_mismatch=error stops the run before step {step} is checkpointed "
+            "(`raylign run --resume RUN_DIR` continues from the last complete checkpoint)"
+        )
     return f"warning: {what} (rollout.on_mismatch=error stops the run instead)"
 
 
@@ -106,12 +110,30 @@ class Roles:
         # sign in with the board, and a restarted rollout worker takes the current weights from it.
         self.board = ray.remote(num_cpus=0)(WeightBoard).remote()
         restarts = {"restarts": cfg.run.max_restarts}
-        self.rollouts = spawn(RolloutWorker, roles["rollout"], self.groups, [(cfg.rollout, policy)] * roles[
-            "rollout"].count, {"seed": cfg.run.seed, "board": self.board}, **restarts)
-        self.rewards = spawn(RewardWorker, roles["reward"], self.groups, [(cfg.reward, ctx.reward_dirs())] * roles[
-            "reward"].count, {"board": self.board}, **restarts)
-        self.references = spawn(ReferenceWorker, roles["reference"], self.groups, [(reference_settings(cfg), reference)]
-                                * roles["reference"].count, {"board": self.board}, **restarts)
+        self.rollouts = spawn(
+            RolloutWorker,
+            roles["rollout"],
+            self.groups,
+            [(cfg.rollout, policy)] * roles["rollout"].count,
+            {"seed": cfg.run.seed, "board": self.board},
+            **restarts,
+        )
+        self.rewards = spawn(
+            RewardWorker,
+            roles["reward"],
+            self.groups,
+            [(cfg.reward, ctx.reward_dirs())] * roles["reward"].count,
+            {"board": self.board},
+            **restarts,
+        )
+        self.references = spawn(
+            ReferenceWorker,
+            roles["reference"],
+            self.groups,
+            [(reference_settings(cfg), reference)] * roles["reference"].count,
+            {"board": self.board},
+            **restarts,
+        )
         self.learners = self._learner_group(PolicyLearner, "learner")
         self.critic = self._learner_group(ValueLearner, "critic") if "critic" in roles else None
         self.stream: ExperienceStream | None = None
@@ -121,8 +143,15 @@ class Roles:
 
     def _learner_group(self, cls: type, role: str) -> LearnerGroup:
         rp = self.resource_plan.roles[role]
-        return LearnerGroup(cls, learner_settings(self.cfg), self.cfg.algo, self.policy_dir, seed=self.cfg.run.seed,
-                            placement_group=self.groups[rp.group], **rp.actor_resources(0))
+        return LearnerGroup(
+            cls,
+            learner_settings(self.cfg),
+            self.cfg.algo,
+            self.policy_dir,
+            seed=self.cfg.run.seed,
+            placement_group=self.groups[rp.group],
+            **rp.actor_resources(0),
+        )
 
     @classmethod
     def start(cls, cfg: Config, ctx: StageContext) -> Roles:
@@ -139,9 +168,15 @@ class Roles:
     def open_stream(self) -> None:
         """Build the experience stream and hand each policy learner rank its split."""
         critics = self.critic.actors if self.critic is not None else []
-        self.stream = ExperienceStream(rollouts=self.rollouts, rewards=self.rewards, references=self.references,
-                                       critics=critics, algo=self.cfg.algo, gold_reward=self.gold_reward,
-                                       num_splits=len(self.learners.actors))
+        self.stream = ExperienceStream(
+            rollouts=self.rollouts,
+            rewards=self.rewards,
+            references=self.references,
+            critics=critics,
+            algo=self.cfg.algo,
+            gold_reward=self.gold_reward,
+            num_splits=len(self.learners.actors),
+        )
         self.learners.attach_stream(self.stream.splits)
 
     def feed(self, step: int, prompts: list[str], *, seed: int, kl_coef: float) -> None:
@@ -149,8 +184,9 @@ class Roles:
         r = self.cfg.rollout
         if self.stream is None:
             raise RuntimeError("Roles.feed before Roles.open_stream")
-        self.chunks = self.stream.put(step, prompts, samples_per_prompt=r.samples_per_prompt,
-                                      chunk_size=r.chunk_size, seed=seed, kl_coef=kl_coef)
+        self.chunks = self.stream.put(
+            step, prompts, samples_per_prompt=r.samples_per_prompt, chunk_size=r.chunk_size, seed=seed, kl_coef=kl_coef
+        )
 
     def train(self, step: int) -> TrainedStep:
         """Every policy learner rank takes its share of `step`'s chunks from the stream; the policy ranks and (PPO)
@@ -181,7 +217,8 @@ class Roles:
         g, size = self.cfg.rollout.samples_per_prompt, self.cfg.rollout.chunk_size
         gens = [
             self.rollouts[c % len(self.rollouts)].generate.remote(
-                PromptBatch(prompts[start : start + size], g, seed=seed + CHUNK_SEED_STRIDE * c))
+                PromptBatch(prompts[start : start + size], g, seed=seed + CHUNK_SEED_STRIDE * c)
+            )
             for c, start in enumerate(range(0, len(prompts), size))
         ]
         scores = ray.get([self.rewards[c % len(self.rewards)].score.remote(gen) for c, gen in enumerate(gens)])

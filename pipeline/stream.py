@@ -78,11 +78,13 @@ class _FeedSource(Datasource):
 
 
 def encode(items: list[ExperienceItem]) -> pa.Table:
-    return pa.table({
-        "step": pa.array([it.step for it in items], pa.int64()),
-        "chunk": pa.array([it.chunk for it in items], pa.int64()),
-        "payload": pa.array([pickle.dumps(it) for it in items], pa.binary()),
-    })
+    return pa.table(
+        {
+            "step": pa.array([it.step for it in items], pa.int64()),
+            "chunk": pa.array([it.chunk for it in items], pa.int64()),
+            "payload": pa.array([pickle.dumps(it) for it in items], pa.binary()),
+        }
+    )
 
 
 def decode(block: pa.Table) -> list[ExperienceItem]:
@@ -147,8 +149,17 @@ def _advantages(block: pa.Table, algo: AlgoConfig, gold_reward: str | None) -> p
 class ExperienceStream:
     """The RL stage's Ray Data pipeline; `splits[r]` is learner rank r's DataIterator."""
 
-    def __init__(self, *, rollouts: list, rewards: list, references: list, critics: list, algo: AlgoConfig,
-                 gold_reward: str | None, num_splits: int):
+    def __init__(
+        self,
+        *,
+        rollouts: list,
+        rewards: list,
+        references: list,
+        critics: list,
+        algo: AlgoConfig,
+        gold_reward: str | None,
+        num_splits: int,
+    ):
         self.feed = FeedActor.remote()
         context = ray.data.DataContext.get_current()
         saved = context.target_max_block_size, context.execution_options.preserve_order
@@ -168,18 +179,32 @@ class ExperienceStream:
             # for every worker to have one while the chunk before it moves on.
             in_flight = ray.data.TaskPoolStrategy(size=len(rollouts) + len(rewards) + len(references) + 1)
             for fn, kwargs in stages:
-                ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                                    compute=in_flight, zero_copy_batch=True)
+                ds = ds.map_batches(
+                    fn,
+                    fn_kwargs=kwargs,
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    num_cpus=0,
+                    compute=in_flight,
+                    zero_copy_batch=True,
+                )
             self.splits = ds.streaming_split(num_splits, equal=False)
         finally:
             context.target_max_block_size, context.execution_options.preserve_order = saved
 
-    def put(self, step: int, prompts: list[str], *, samples_per_prompt: int, chunk_size: int, seed: int,
-            kl_coef: float) -> int:
+    def put(
+        self, step: int, prompts: list[str], *, samples_per_prompt: int, chunk_size: int, seed: int, kl_coef: float
+    ) -> int:
         """Queue one step's prompts as chunks (chunk c samples with seed + 1000 c). -> number of chunks."""
         items = [
-            ExperienceItem(step=step, chunk=c, kl_coef=kl_coef, prompts=PromptBatch(
-                prompts[start : start + chunk_size], samples_per_prompt, seed=seed + CHUNK_SEED_STRIDE * c))
+            ExperienceItem(
+                step=step,
+                chunk=c,
+                kl_coef=kl_coef,
+                prompts=PromptBatch(
+                    prompts[start : start + chunk_size], samples_per_prompt, seed=seed + CHUNK_SEED_STRIDE * c
+                ),
+            )
             for c, start in enumerate(range(0, len(prompts), chunk_size))
         ]
         ray.get(self.feed.put.remote(items))

@@ -32,18 +32,33 @@ from pipeline.errors import UserError
 
 PROJECT = Path(__file__).resolve().parents[1]
 # gitignore patterns relative to the working dir; no trailing slash, so a match prunes the whole directory.
-EXCLUDES = ["/.venv", "/runs", "/build", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
-            ".hypothesis", ".import_linter_cache", "*.pyc"]
-TOKEN_HELP = ("set RAY_AUTH_TOKEN=<token>, or write it to ~/.ray/auth_token (or to a file named by "
-              "RAY_AUTH_TOKEN_PATH); `ray get-auth-token` on the head node prints it")
+EXCLUDES = [
+    "/.venv",
+    "/runs",
+    "/build",
+    ".git",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    ".import_linter_cache",
+    "*.pyc",
+]
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN=<token>, or write it to ~/.ray/auth_token (or to a file named by "
+    "RAY_AUTH_TOKEN_PATH); `ray get-auth-token` on the head node prints it"
+)
 STOP_WAIT_S = 120
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 
 
 def dashboard_address(address: str | None) -> str:
     """The cluster's dashboard URL: --address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (as Ray's own CLI)."""
-    sources = [("--address", address), *((name, os.environ.get(name)) for name in
-                                         ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"))]
+    sources = [
+        ("--address", address),
+        *((name, os.environ.get(name)) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")),
+    ]
     for source, value in sources:
         if value:
             if not value.startswith(("http://", "https://")):
@@ -95,11 +110,14 @@ class Cluster:
         except AuthenticationError:
             if self.token is None:
                 raise UserError(f"{self.address} requires a Ray auth token and none was found: {TOKEN_HELP}") from None
-            raise UserError(f"{self.address} rejected the Ray auth token from {self.token_source}: {TOKEN_HELP}"
-                            ) from None
+            raise UserError(
+                f"{self.address} rejected the Ray auth token from {self.token_source}: {TOKEN_HELP}"
+            ) from None
         except (ConnectionError, requests.exceptions.ConnectionError, aiohttp.ClientConnectionError):
-            raise UserError(f"cannot reach the Ray dashboard at {self.address}: is the cluster up and the URL "
-                            "right (the dashboard port, 8265 by default)?") from None
+            raise UserError(
+                f"cannot reach the Ray dashboard at {self.address}: is the cluster up and the URL "
+                "right (the dashboard port, 8265 by default)?"
+            ) from None
         except RuntimeError as e:
             if job_id is not None and "status code 404" in str(e):
                 raise UserError(f"{self.address} has no job {job_id}; `raylign jobs list` shows its jobs") from None
@@ -122,8 +140,9 @@ class Cluster:
             with self.errors(job_id):
                 asyncio.run(tail())
         except KeyboardInterrupt:
-            print(f"raylign: stopped following {job_id}; it keeps running (raylign jobs stop {job_id})",
-                  file=sys.stderr)
+            print(
+                f"raylign: stopped following {job_id}; it keeps running (raylign jobs stop {job_id})", file=sys.stderr
+            )
             return 130
         except RuntimeError as e:  # the log stream broke off; the job's status still tells how it ended
             print(f"raylign: lost the log stream of {job_id}: {e}", file=sys.stderr)
@@ -155,8 +174,10 @@ def project_path(path: Path) -> Path:
     try:
         return path.resolve().relative_to(PROJECT)
     except ValueError:
-        raise UserError(f"{path}: the config must be inside {PROJECT}, the directory sent to the cluster as the "
-                        "job's working_dir (copy it under configs/)") from None
+        raise UserError(
+            f"{path}: the config must be inside {PROJECT}, the directory sent to the cluster as the "
+            "job's working_dir (copy it under configs/)"
+        ) from None
 
 
 def entrypoint(config: Path, overrides: list[str], job_dir: str, resume: str | None = None) -> str:
@@ -182,13 +203,20 @@ def runtime_env(requirements: Path | None, env: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"--env {item}: expected KEY=VALUE")
         env_vars[key] = value
-    out: dict[str, Any] = {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env_vars,
-                           "worker_process_setup_hook": WORKER_SETUP}
+    out: dict[str, Any] = {
+        "working_dir": str(PROJECT),
+        "excludes": EXCLUDES,
+        "env_vars": env_vars,
+        "worker_process_setup_hook": WORKER_SETUP,
+    }
     if requirements is not None:
         if not requirements.is_file():
             raise UserError(f"--requirements {requirements}: no such file")
-        out["pip"] = [line.strip() for line in requirements.read_text().splitlines()
-                      if line.strip() and not line.lstrip().startswith("#")]
+        out["pip"] = [
+            line.strip()
+            for line in requirements.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
     return out
 
 
@@ -210,9 +238,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             metadata={"raylign_config": str(config), "raylign_run_dir_parent": job_dir},
         )
     where = f"continues {job_dir}" if args.resume else f"its run dir will be under {job_dir}/"
-    print(f"raylign: submitted {job_id} to {cluster.address}; {where} on the cluster"
-          + ("" if Path(job_dir).is_absolute() else " (relative to the job's working dir on the head node)"),
-          file=sys.stderr)
+    print(
+        f"raylign: submitted {job_id} to {cluster.address}; {where} on the cluster"
+        + ("" if Path(job_dir).is_absolute() else " (relative to the job's working dir on the head node)"),
+        file=sys.stderr,
+    )
     print(job_id)
     return cluster.follow(job_id) if args.wait else 0
 
@@ -261,14 +291,19 @@ def cmd_jobs_stop(args: argparse.Namespace) -> int:
         return 1
     return 0
 
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `submit` and `jobs` on the `raylign` parser."""
     address = argparse.ArgumentParser(add_help=False)
-    address.add_argument("--address", default=None, metavar="URL",
-                         help="the cluster's dashboard URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
-                         "else RAY_ADDRESS)")
+    address.add_argument(
+        "--address",
+        default=None,
+        metavar="URL",
+        help="the cluster's dashboard URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)",
+    )
     submit = commands.add_parser(
-        "submit", parents=[address],
+        "submit",
+        parents=[address],
         help="run a config on a Ray cluster as a Ray job (prints the job id)",
         description="Validate CONFIG, then submit `raylign run CONFIG key=value ...` as a Ray job with this checkout "
         "as its working_dir. Prints the job id. The run dir goes under <run.output_dir>/<job id>/ on the cluster. "
@@ -278,30 +313,51 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("config", metavar="CONFIG", help="config file inside the project dir")
     submit.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.max_steps=5 algo.kl.coef=0.1")
     submit.add_argument("--wait", action="store_true", help="follow the job's log; exit with its outcome")
-    submit.add_argument("--resume", default=None, metavar="RUN_DIR",
-                        help="continue this run dir (a path on the cluster's shared filesystem) with `raylign run "
-                        "--resume`")
-    submit.add_argument("--requirements", default=None, metavar="FILE",
-                        help="pip requirements installed for the job (default: none, the cluster's env has them)")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the job's processes (repeatable)")
+    submit.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue this run dir (a path on the cluster's shared filesystem) with `raylign run --resume`",
+    )
+    submit.add_argument(
+        "--requirements",
+        default=None,
+        metavar="FILE",
+        help="pip requirements installed for the job (default: none, the cluster's env has them)",
+    )
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the job's processes (repeatable)",
+    )
     submit.set_defaults(func=cmd_submit)
 
     jobs = commands.add_parser("jobs", help="list, inspect, follow and stop Ray jobs").add_subparsers(
-        dest="jobs_command", required=True, metavar="SUBCOMMAND")
+        dest="jobs_command", required=True, metavar="SUBCOMMAND"
+    )
     listing = jobs.add_parser("list", parents=[address], help="every job of the cluster: id, status, start")
     listing.set_defaults(func=cmd_jobs_list)
     status = jobs.add_parser("status", parents=[address], help="a job's status and message")
     status.add_argument("job_id", metavar="ID")
     status.set_defaults(func=cmd_jobs_status)
-    logs = jobs.add_parser("logs", parents=[address], help="a job's log (--follow: until it ends)",
-                           description="Print the job's log. With --follow, print it as it grows and exit with the "
-                           "job's outcome: 0 succeeded, 1 failed or stopped.")
+    logs = jobs.add_parser(
+        "logs",
+        parents=[address],
+        help="a job's log (--follow: until it ends)",
+        description="Print the job's log. With --follow, print it as it grows and exit with the "
+        "job's outcome: 0 succeeded, 1 failed or stopped.",
+    )
     logs.add_argument("job_id", metavar="ID")
     logs.add_argument("--follow", action="store_true", help="follow the log until the job ends")
     logs.set_defaults(func=cmd_jobs_logs)
     stop = jobs.add_parser("stop", parents=[address], help="stop a job (the run checkpoints its RL step, then exits)")
     stop.add_argument("job_id", metavar="ID")
-    stop.add_argument("--timeout", type=float, default=STOP_WAIT_S + 30.0,
-                      help=f"seconds to wait for the job to end (default {STOP_WAIT_S + 30})")
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        default=STOP_WAIT_S + 30.0,
+        help=f"seconds to wait for the job to end (default {STOP_WAIT_S + 30})",
+    )
     stop.set_defaults(func=cmd_jobs_stop)

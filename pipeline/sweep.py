@@ -84,8 +84,10 @@ def check_sweep(cfg: Config) -> None:
     for key, s in cfg.sweep.space.items():
         shared = [p for p in SHARED_ONLY if key == p or key.startswith(p + ".")]
         if shared:
-            raise ConfigError(f"sweep.space.{key}: set once for the whole sweep ({shared[0]} is read by the stages "
-                              f"the trials share, {shared_stages(cfg)}); trials can only change what `rl` reads")
+            raise ConfigError(
+                f"sweep.space.{key}: set once for the whole sweep ({shared[0]} is read by the stages "
+                f"the trials share, {shared_stages(cfg)}); trials can only change what `rl` reads"
+            )
         if key not in _dotted_keys(base):
             raise ConfigError(f"sweep.space.{key}: no such config key")
         for value in s.grid or s.choice or list(s.loguniform or ()):
@@ -280,15 +282,27 @@ def tuner(cfg: Config, sweep_dir: Path, log):
     if sw.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.run.max_steps, grace_period=sw.grace_period,
-                                  reduction_factor=sw.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=cfg.run.max_steps,
+            grace_period=sw.grace_period,
+            reduction_factor=sw.reduction_factor,
+        )
     return tune.Tuner(
         trainable,
         param_space={"params": tune_space(sw.space)},
-        tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples,
-                                    max_concurrent_trials=sw.max_concurrent, scheduler=scheduler),
+        tune_config=tune.TuneConfig(
+            metric=sw.metric,
+            mode=sw.mode,
+            num_samples=sw.num_samples,
+            max_concurrent_trials=sw.max_concurrent,
+            scheduler=scheduler,
+        ),
         run_config=tune.RunConfig(
-            name=TUNE, storage_path=str(sweep_dir), verbose=0, callbacks=[Progress(cfg.run.max_steps)],
+            name=TUNE,
+            storage_path=str(sweep_dir),
+            verbose=0,
+            callbacks=[Progress(cfg.run.max_steps)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
     )
@@ -346,8 +360,10 @@ def collect_results(cfg: Config, experiment_path: str) -> list[dict[str, Any]]:
     from ray import tune
 
     trials = tune.ExperimentAnalysis(experiment_path).trials
-    return [result_row(t.trial_id, t.config["params"], t.status, t.last_result or {})
-            for t in sorted(trials, key=lambda t: t.trial_id)]
+    return [
+        result_row(t.trial_id, t.config["params"], t.status, t.last_result or {})
+        for t in sorted(trials, key=lambda t: t.trial_id)
+    ]
 
 
 def write_outputs(cfg: Config, sweep_dir: Path, rows: list[dict[str, Any]], log) -> None:
@@ -360,8 +376,10 @@ def write_outputs(cfg: Config, sweep_dir: Path, rows: list[dict[str, Any]], log)
     plot_frontier(rows, keys, sweep_dir / "frontier.png")
     log(table(rows, keys))
     if best is not None:
-        log(f"best trial ({cfg.sweep.metric}, {cfg.sweep.mode}): {best['trial']} "
-            f"{ {k: best[k] for k in keys} }: {cfg.sweep.metric} {best[cfg.sweep.metric]:.4f}")
+        log(
+            f"best trial ({cfg.sweep.metric}, {cfg.sweep.mode}): {best['trial']} "
+            f"{ {k: best[k] for k in keys} }: {cfg.sweep.metric} {best[cfg.sweep.metric]:.4f}"
+        )
     for key in keys:
         rho = key_vs_kl(rows, key)
         if rho == rho:  # not nan

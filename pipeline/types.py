@@ -80,7 +80,6 @@ class ExperienceItem:
     times: list[tuple[str, float, float]] = field(default_factory=list)
 
 
-
 @dataclass(frozen=True)
 class StepShard:
     """What one learner rank took from its split of the experience stream for a step, besides the TrainBatch it
@@ -90,6 +89,7 @@ class StepShard:
     experience: list[dict[str, float]]  # each chunk's experience metrics (pipeline/experience.py)
     intervals: list[tuple[str, float, float]]  # (stage, start, end) wall clock of the chunks' stream stages
     ready: float  # wall-clock time the last chunk arrived
+
 
 # --- what the RL loop yields (pipeline.rl.train_iter); pipeline/recorder.py is the one place that records them ---
 

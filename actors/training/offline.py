@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray.train
 import torch
@@ -50,6 +50,9 @@ from actors.training.objectives import (
 from actors.training.update import accumulate_update, global_max, global_sum, mean_metrics
 from pipeline.batches import to_device
 from pipeline.config import DpoConfig, LearnerConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Tensor = torch.Tensor
 
@@ -126,6 +129,8 @@ def reward_loop(config: dict[str, Any]) -> None:
 def dpo_loop(config: dict[str, Any]) -> None:
     job: OfflineJob = config["job"]
     dpo = job.dpo
+    if dpo is None or job.reference_dir is None:
+        raise ValueError("a dpo job needs its dpo section and reference_dir")
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
     reference = load_frozen_model(AutoModelForCausalLM, Path(job.reference_dir))
 
@@ -141,7 +146,7 @@ def dpo_loop(config: dict[str, Any]) -> None:
     train_member(job, 0, load, collate, objective, agg=PAIR_AGG, out_dir=Path(job.out_dir), pairs=True)
 
 
-def redraw_head(model: torch.nn.Module) -> None:
+def redraw_head(model: PreTrainedModel) -> None:
     """Draw a sequence-classification model's `score` head afresh from the torch seed, so ensemble members
     started from one saved model differ (Llama-family heads are `score`; others keep from_pretrained's init)."""
     head = getattr(model, "score", None)

@@ -59,8 +59,10 @@ def best_of_n(proxy: Tensor, gold: Tensor, n: int) -> Tensor:
     """
     m = proxy.shape[-1]
     if proxy.shape != gold.shape or not 1 <= n <= m:
-        raise ValueError(f"best_of_n needs proxy and gold of one shape [P, M] and 1 <= n <= M; got "
-                         f"{tuple(proxy.shape)}, {tuple(gold.shape)}, n={n}")
+        raise ValueError(
+            f"best_of_n needs proxy and gold of one shape [P, M] and 1 <= n <= M; got "
+            f"{tuple(proxy.shape)}, {tuple(gold.shape)}, n={n}"
+        )
     order = torch.sort(proxy, dim=-1, stable=True).indices
     ranked_gold = torch.gather(gold.double(), -1, order)
     total = math.comb(m, n)
@@ -108,8 +110,10 @@ def calibration_bins(probs: Tensor, outcomes: Tensor, num_bins: int) -> Calibrat
     probs: [N] predicted probabilities; outcomes: [N] 0/1 observed outcomes.
     """
     if probs.shape != outcomes.shape or probs.ndim != 1 or len(probs) == 0 or num_bins < 1:
-        raise ValueError(f"calibration_bins needs probs and outcomes of one shape [N], N >= 1, num_bins >= 1; got "
-                         f"{tuple(probs.shape)}, {tuple(outcomes.shape)}, {num_bins}")
+        raise ValueError(
+            f"calibration_bins needs probs and outcomes of one shape [N], N >= 1, num_bins >= 1; got "
+            f"{tuple(probs.shape)}, {tuple(outcomes.shape)}, {num_bins}"
+        )
     probs, outcomes = probs.double(), outcomes.double()
     index = (probs * num_bins).long().clamp(0, num_bins - 1)
     count = torch.bincount(index, minlength=num_bins).double()
@@ -127,8 +131,10 @@ def quantile_bins(x: Tensor, y: Tensor, num_bins: int) -> tuple[Tensor, Tensor, 
     one. -> (mean x [bins], mean y [bins], count [bins]).
     """
     if x.shape != y.shape or x.ndim != 1 or len(x) == 0 or num_bins < 1:
-        raise ValueError(f"quantile_bins needs x and y of one shape [N], N >= 1, num_bins >= 1; got "
-                         f"{tuple(x.shape)}, {tuple(y.shape)}, {num_bins}")
+        raise ValueError(
+            f"quantile_bins needs x and y of one shape [N], N >= 1, num_bins >= 1; got "
+            f"{tuple(x.shape)}, {tuple(y.shape)}, {num_bins}"
+        )
     order = torch.sort(x, stable=True).indices
     parts = torch.tensor_split(order, min(num_bins, len(x)))
     xs = torch.stack([x.double()[p].mean() for p in parts])
@@ -169,8 +175,9 @@ def gao_fit(d: Tensor, gain: Tensor, form: str) -> GaoFit:
         raise ValueError(f"gao_fit form {form!r}: expected one of {sorted(GAO_FORMS)}")
     d, gain = d.double().flatten(), gain.double().flatten()
     if d.shape != gain.shape or len(d) < 2:
-        raise ValueError(f"gao_fit needs two or more (d, gain) points of one shape, got {tuple(d.shape)}, "
-                         f"{tuple(gain.shape)}")
+        raise ValueError(
+            f"gao_fit needs two or more (d, gain) points of one shape, got {tuple(d.shape)}, {tuple(gain.shape)}"
+        )
     x = torch.stack([d, -d * GAO_FORMS[form](d)], dim=1)  # [N, 2]
     coef = torch.linalg.lstsq(x, gain[:, None]).solution[:, 0]
     residual = gain - x @ coef

@@ -78,13 +78,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
     timing = {}
     with EvalWorkers(cfg, ctx, policy, reference) as workers:
         timing["setup"] = time.perf_counter() - start
-        ctx.log(f"eval: engines ready ({timing['setup']:.0f} s); {ev.samples_per_prompt} samples per prompt from the "
-                f"policy, {max(ev.samples_per_prompt, ev.best_of_n)} from the reference")
+        ctx.log(
+            f"eval: engines ready ({timing['setup']:.0f} s); {ev.samples_per_prompt} samples per prompt from the "
+            f"policy, {max(ev.samples_per_prompt, ev.best_of_n)} from the reference"
+        )
         policy_samples, reference_samples = workers.sample(prompts, gold)
         timing["sample"] = time.perf_counter() - start - timing["setup"]
-    report: dict[str, Any] = {"policy": str(policy), "reference": str(reference), "prompts": len(prompts),
-                              "samples_per_prompt": ev.samples_per_prompt, "confidence": ev.confidence,
-                              "bootstrap_resamples": ev.bootstrap_resamples}
+    report: dict[str, Any] = {
+        "policy": str(policy),
+        "reference": str(reference),
+        "prompts": len(prompts),
+        "samples_per_prompt": ev.samples_per_prompt,
+        "confidence": ev.confidence,
+        "bootstrap_resamples": ev.bootstrap_resamples,
+    }
     report.update(compare(policy_samples, reference_samples, cfg))
     report["best_of_n"] = best_of_n_curve(reference_samples, cfg)
     report["gao"] = gao_fits(report["best_of_n"], rl_gold_points(ctx))
@@ -103,10 +110,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for line in describe(summary):
         ctx.log(line)
     for form, fit in report["gao"].items():
-        ctx.log(f"eval: Gao fit ({form}): gold gain = d (alpha - beta f(d)), alpha {fit['alpha']:.4f} "
-                f"beta {fit['beta']:.4f} R^2 {fit['r2']:.3f} over {len(fit['d'])} points")
-    ctx.log(f"eval: wrote {ctx.run_dir / EVAL_JSON} and {', '.join(p.name for p in written) or 'no plots'} "
-            f"({', '.join(f'{k} {v:.1f} s' for k, v in timing.items())})")
+        ctx.log(
+            f"eval: Gao fit ({form}): gold gain = d (alpha - beta f(d)), alpha {fit['alpha']:.4f} "
+            f"beta {fit['beta']:.4f} R^2 {fit['r2']:.3f} over {len(fit['d'])} points"
+        )
+    ctx.log(
+        f"eval: wrote {ctx.run_dir / EVAL_JSON} and {', '.join(p.name for p in written) or 'no plots'} "
+        f"({', '.join(f'{k} {v:.1f} s' for k, v in timing.items())})"
+    )
     summary["timing/eval"] = time.perf_counter() - start
     return summary
 
@@ -164,16 +175,28 @@ class EvalWorkers:
     def __enter__(self) -> EvalWorkers:
         roles, n = self.resource_plan.roles, self.cfg.rollout.num_workers
         self.groups = reserve(self.resource_plan, timeout_s=self.cfg.placement.timeout_s)
-        engines = spawn(RolloutWorker, roles["rollout"], self.groups,
-                        [(self.rollout_cfg, self.policy)] * n + [(self.rollout_cfg, self.reference)] * n,
-                        {"seed": self.cfg.run.seed})
+        engines = spawn(
+            RolloutWorker,
+            roles["rollout"],
+            self.groups,
+            [(self.rollout_cfg, self.policy)] * n + [(self.rollout_cfg, self.reference)] * n,
+            {"seed": self.cfg.run.seed},
+        )
         self.policy_engines, self.reference_engines = engines[:n], engines[n:]
         self.rewards = []
         if self.has_reward:
-            self.rewards = spawn(RewardWorker, roles["reward"], self.groups,
-                                 [(self.cfg.reward, self.reward_dirs)] * roles["reward"].count)
-        self.references = spawn(ReferenceWorker, roles["reference"], self.groups,
-                                [(self.cfg.reference, self.reference)] * roles["reference"].count)
+            self.rewards = spawn(
+                RewardWorker,
+                roles["reward"],
+                self.groups,
+                [(self.cfg.reward, self.reward_dirs)] * roles["reward"].count,
+            )
+        self.references = spawn(
+            ReferenceWorker,
+            roles["reference"],
+            self.groups,
+            [(self.cfg.reference, self.reference)] * roles["reference"].count,
+        )
         self.actors = engines + self.rewards + self.references
         ray.get([a.setup.remote() for a in self.actors])
         return self
@@ -212,14 +235,20 @@ class EvalWorkers:
         reward = torch.cat([s.scores for s in ray.get([c[1] for c in chunks])]) if self.rewards else None
         gold_values = None
         if gold is not None:
-            gold_values = torch.tensor([x for r in rollouts for x in gold_scores(gold, r.prompts, r.responses)],
-                                       dtype=torch.float64)
+            gold_values = torch.tensor(
+                [x for r in rollouts for x in gold_scores(gold, r.prompts, r.responses)], dtype=torch.float64
+            )
         kl = None
         if chunks[0][2] is not None:
             ref_logprobs = ray.get([c[2] for c in chunks])
-            kl = torch.cat([masked_kl(r.rollout_logprobs, lp, r.response_mask, kind="k1").sum(-1)
-                            for r, lp in zip(rollouts, ref_logprobs, strict=True)])
+            kl = torch.cat(
+                [
+                    masked_kl(r.rollout_logprobs, lp, r.response_mask, kind="k1").sum(-1)
+                    for r, lp in zip(rollouts, ref_logprobs, strict=True)
+                ]
+            )
         length = torch.cat([r.response_mask.sum(-1) for r in rollouts]).double()
+
         def shaped(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.reshape(shape)
 
@@ -265,8 +294,11 @@ def best_of_n_curve(reference: Samples, cfg: Config) -> list[dict[str, Any]]:
         return []
     rows, n = [], 1
     while n <= cfg.eval.best_of_n:
-        row: dict[str, Any] = {"n": n, "kl": best_of_n_kl(n), "reward": interval(best_of_n(reference.reward,
-                                                                                          reference.reward, n), cfg)}
+        row: dict[str, Any] = {
+            "n": n,
+            "kl": best_of_n_kl(n),
+            "reward": interval(best_of_n(reference.reward, reference.reward, n), cfg),
+        }
         if reference.gold is not None:
             row["gold"] = interval(best_of_n(reference.reward, reference.gold, n), cfg)
         rows.append(row)
@@ -327,16 +359,24 @@ def calibration(ctx: StageContext) -> dict[str, Any]:
         "ece": cal.ece,
         "bins": [
             {"low": lo, "high": hi, "confidence": c, "frequency": f, "count": n}
-            for lo, hi, c, f, n in zip(cal.edges[:-1].tolist(), cal.edges[1:].tolist(), cal.confidence.tolist(),
-                                       cal.frequency.tolist(), cal.count.tolist(), strict=True)
+            for lo, hi, c, f, n in zip(
+                cal.edges[:-1].tolist(),
+                cal.edges[1:].tolist(),
+                cal.confidence.tolist(),
+                cal.frequency.tolist(),
+                cal.count.tolist(),
+                strict=True,
+            )
             if n > 0
         ],
     }
     if len(dirs) > 1:
         error = 1.0 - correct
         xs, ys, counts = quantile_bins(disagreement, error, bins)
-        out["disagreement"] = [{"std": x, "error": y, "count": n}
-                               for x, y, n in zip(xs.tolist(), ys.tolist(), counts.tolist(), strict=True)]
+        out["disagreement"] = [
+            {"std": x, "error": y, "count": n}
+            for x, y, n in zip(xs.tolist(), ys.tolist(), counts.tolist(), strict=True)
+        ]
         corr = torch.corrcoef(torch.stack([disagreement.double(), error.double()]))[0, 1].item()
         out["disagreement_error_corr"] = corr if corr == corr else None  # NaN when either is constant
     return out

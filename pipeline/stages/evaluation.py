@@ -69,8 +69,9 @@ def implicit_reward_accuracy(
             for s in range(0, len(prompts), EVAL_PAIRS):
                 rows = slice(s, s + EVAL_PAIRS)
                 batch = pair_sequence_batch(tokenizer, prompts[rows], chosen[rows], rejected[rows])
-                fields = [t.to(device) for t in (batch.prompt_ids, batch.prompt_mask, batch.response_ids)]
-                logprobs = response_logprobs(model, *fields, batch.response_mask.to(device)).float().cpu()
+                fields = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+                prompt_ids, prompt_mask, response_ids, response_mask = (t.to(device) for t in fields)
+                logprobs = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask).float().cpu()
                 c, r = pair_logprobs(logprobs, batch.response_mask, loss_type)
                 parts.append(sign * (c - r))
         margins.append(torch.cat(parts))

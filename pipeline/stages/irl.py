@@ -77,21 +77,35 @@ def run(ctx: StageContext) -> dict[str, Any]:
             (round_dir / ROUND).write_text(json.dumps(done, indent=1) + "\n")
         else:
             # step 1. the current policy's responses to the demonstrations' prompts
-            samples = policy_samples(cfg.rollout, policy, [d["prompt"] for d in demos], 1, seed=cfg.run.seed + k,
-                                     log=ctx.log, what=f"irl: round {k} sampling the policy")
+            samples = policy_samples(
+                cfg.rollout,
+                policy,
+                [d["prompt"] for d in demos],
+                1,
+                seed=cfg.run.seed + k,
+                log=ctx.log,
+                what=f"irl: round {k} sampling the policy",
+            )
             round_dir.mkdir(parents=True, exist_ok=True)
             (round_dir / SAMPLES).write_text(json.dumps(samples) + "\n")
             # step 2. the discriminator: demonstrations above policy samples, this round's and a replay of earlier
-            pairs = demonstration_pairs(demos, samples, earlier_samples(ctx, k, irl.replay_rounds),
-                                        seed=cfg.run.seed + k)
+            pairs = demonstration_pairs(
+                demos, samples, earlier_samples(ctx, k, irl.replay_rounds), seed=cfg.run.seed + k
+            )
             disc, disc_metrics = update_discriminator(ctx, k, disc, pairs)
             # step 3. RL steps against the current reward (standardized on this round's data), from the current policy
             scale = reward_scale(cfg, disc, demos, samples) if irl.standardize_reward else 1.0
             policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, reference, scale)
             if evals is None:  # stopped mid-round: a resume continues from the round's last checkpoint
                 return {}
-            done = {"policy": policy_out, "reward": disc, "evals": evals, "discriminator": disc_metrics,
-                    "reward_scale": scale, "kl": last_kl(ctx, k)}
+            done = {
+                "policy": policy_out,
+                "reward": disc,
+                "evals": evals,
+                "discriminator": disc_metrics,
+                "reward_scale": scale,
+                "kl": last_kl(ctx, k),
+            }
             (round_dir / ROUND).write_text(json.dumps(done, indent=1) + "\n")
         policy, disc = done["policy"], done["reward"]
         rounds.append(done)
@@ -147,13 +161,20 @@ def update_discriminator(ctx: StageContext, k: int, init: str, rows: list[dict])
         ctx, "irl", "irl", init_dir=init, tokenizer_dir=init, out_dir=out, pair_loss="discriminator", new_head=k == 1
     )
     job = replace(job, seed=ctx.cfg.run.seed + k)  # a new data order per round
-    records = fit(ctx, f"irl/round-{k}", reward_loop, job, {"train": quiet(ray.data.from_items(rows))},
-                  ctx.cfg.irl.max_failures)
-    keys = {"loss/disc": "loss/disc", "disc/accuracy": "disc/accuracy", "disc/demo_score": "disc/demo_score",
-            "disc/policy_score": "disc/policy_score"}
+    records = fit(
+        ctx, f"irl/round-{k}", reward_loop, job, {"train": quiet(ray.data.from_items(rows))}, ctx.cfg.irl.max_failures
+    )
+    keys = {
+        "loss/disc": "loss/disc",
+        "disc/accuracy": "disc/accuracy",
+        "disc/demo_score": "disc/demo_score",
+        "disc/policy_score": "disc/policy_score",
+    }
     metrics = last_epoch(records, keys)
-    ctx.log(f"irl: round {k} discriminator accuracy {metrics.get('disc/accuracy', float('nan')):.3f} "
-            f"on {len(rows)} (demonstration, policy sample) pairs")
+    ctx.log(
+        f"irl: round {k} discriminator accuracy {metrics.get('disc/accuracy', float('nan')):.3f} "
+        f"on {len(rows)} (demonstration, policy sample) pairs"
+    )
     return str(out / "member-0"), metrics
 
 
@@ -173,11 +194,17 @@ def rl_round(
             ),
         }
     )
-    artifacts = Artifacts(task_dir=ctx.artifacts.task_dir, gold_reward=ctx.artifacts.gold_reward, policy=str(policy),
-                          reward=[disc])
+    artifacts = Artifacts(
+        task_dir=ctx.artifacts.task_dir, gold_reward=ctx.artifacts.gold_reward, policy=str(policy), reward=[disc]
+    )
     round_ctx = StageContext(cfg=round_cfg, run_dir=round_dir, artifacts=artifacts, log=ctx.log, stop=ctx.stop)
-    recorder = Recorder(ctx.run_dir, stage="irl", total_steps=irl.rounds * irl.rl_steps,
-                        offset=(k - 1) * irl.rl_steps, tags={"irl/round": k})
+    recorder = Recorder(
+        ctx.run_dir,
+        stage="irl",
+        total_steps=irl.rounds * irl.rl_steps,
+        offset=(k - 1) * irl.rl_steps,
+        tags={"irl/round": k},
+    )
     # A round cut off mid-RL resumes from its last checkpoint; what follows it comes again.
     resume = checkpoint.latest(round_ctx.stage_dir("rl") / "checkpoints")
     recorder.truncate(checkpoint.load_state(resume)["step"] if resume else -1)

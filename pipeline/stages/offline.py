@@ -36,8 +36,11 @@ def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_
     return OfflineJob(
         stage=stage,
         learner=ctx.cfg.learner.model_copy(
-            update={"lr": section.lr, "epochs": section.epochs,
-                    "max_tokens_per_micro_batch": section.max_tokens_per_micro_batch}
+            update={
+                "lr": section.lr,
+                "epochs": section.epochs,
+                "max_tokens_per_micro_batch": section.max_tokens_per_micro_batch,
+            }
         ),
         init_dir=str(init_dir),
         tokenizer_dir=str(tokenizer_dir),
@@ -81,8 +84,9 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
     records: list[dict[str, Any]] = []
     done = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(queue, records, done, ctx.log, stage_dir), daemon=True)
-    per_epoch = tuple(updates_per_epoch(datasets[name].count(), job.batch_size, ctx.cfg.learner.num_workers)
-                      for name in job.datasets)
+    per_epoch = tuple(
+        updates_per_epoch(datasets[name].count(), job.batch_size, ctx.cfg.learner.num_workers) for name in job.datasets
+    )
     trainer = TorchTrainer(
         loop,
         train_loop_config={"job": replace(job, progress=queue, updates_per_epoch=per_epoch)},
@@ -160,8 +164,16 @@ def describe(record: dict[str, Any]) -> str:
 SAMPLING_CALLS = 10  # policy sampling in about this many engine calls: a progress line can come between them
 
 
-def policy_samples(rollout: RolloutConfig, policy: str | Path, prompts: list[str], samples_per_prompt: int, *,
-                   seed: int, log: Callable[[str], None] | None = None, what: str = "sampling") -> list[str]:
+def policy_samples(
+    rollout: RolloutConfig,
+    policy: str | Path,
+    prompts: list[str],
+    samples_per_prompt: int,
+    *,
+    seed: int,
+    log: Callable[[str], None] | None = None,
+    what: str = "sampling",
+) -> list[str]:
     """`samples_per_prompt` responses per prompt ([P * G], a prompt's consecutive) from a rollout worker on `policy`
     with the configured engine, as a Ray actor that is gone afterwards. The prompts go in a few chunks of at least
     `rollout.chunk_size`; prompt i keeps the seed seed + i (vLLM seeds each prompt), so chunking changes nothing."""
@@ -170,8 +182,10 @@ def policy_samples(rollout: RolloutConfig, policy: str | Path, prompts: list[str
     starts = range(0, len(prompts), size)
     try:
         ray.get(worker.setup.remote())
-        refs = [worker.generate.remote(PromptBatch(prompts[i : i + size], samples_per_prompt, seed=seed + i))
-                for i in starts]
+        refs = [
+            worker.generate.remote(PromptBatch(prompts[i : i + size], samples_per_prompt, seed=seed + i))
+            for i in starts
+        ]
         batches = get_with_progress(refs, log, what, "chunks") if log else ray.get(refs)
         return [r for b in batches for r in b.responses]
     finally:
@@ -183,12 +197,15 @@ def demonstration_pairs(demos: list[dict], samples: list[str], earlier: list[lis
     and, with earlier rounds, against one sample of a randomly drawn earlier round as well. The replay keeps the
     discriminator from forgetting what the policy did before, so the policy cannot go back to an old exploit
     (GAIL's replay of past policies); the pair count stays 2x the demonstrations however many rounds there are."""
-    rows = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s}
-            for d, s in zip(demos, samples, strict=True)]
+    rows = [
+        {"prompt": d["prompt"], "chosen": d["response"], "rejected": s} for d, s in zip(demos, samples, strict=True)
+    ]
     if earlier:
         rng = random.Random(seed)
-        rows += [{"prompt": d["prompt"], "chosen": d["response"], "rejected": rng.choice(earlier)[i]}
-                 for i, d in enumerate(demos)]
+        rows += [
+            {"prompt": d["prompt"], "chosen": d["response"], "rejected": rng.choice(earlier)[i]}
+            for i, d in enumerate(demos)
+        ]
     return rows
 
 
@@ -204,11 +221,13 @@ def rated_policy_pairs(ctx: StageContext, policy: Path, pairs_per_prompt: int, *
         raise ConfigError(f"{key}=policy needs the synthetic task's raters: run a `synth` stage first")
     cfg, n = ctx.cfg, pairs_per_prompt
     prompts = [r["prompt"] for r in train_dataset(ctx, "prompts", ctx.tokenizer_dir()).take_all()]
-    samples = policy_samples(cfg.rollout, policy, prompts, 2 * n, seed=cfg.run.seed, log=ctx.log,
-                             what=f"{key}: sampling {policy}")  # [P * 2n]
+    samples = policy_samples(
+        cfg.rollout, policy, prompts, 2 * n, seed=cfg.run.seed, log=ctx.log, what=f"{key}: sampling {policy}"
+    )  # [P * 2n]
     pair_prompts = [p for p in prompts for _ in range(n)]
-    rows = rate_pairs(pair_prompts, samples[0::2], samples[1::2], temperature=info["label_temperature"],
-                      seed=cfg.run.seed)
+    rows = rate_pairs(
+        pair_prompts, samples[0::2], samples[1::2], temperature=info["label_temperature"], seed=cfg.run.seed
+    )
     ctx.log(f"{key}: {len(rows)} pairs of {policy} samples on {len(prompts)} prompts, labelled by the task's raters")
     return quiet(ray.data.from_items(rows))
 

@@ -83,8 +83,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         summary["task/bayes_optimal_accuracy"] = summary["rm/bayes_optimal_accuracy"] = bayes
         if "rm/heldout_accuracy" in summary:
             summary["rm/heldout_accuracy_over_bayes"] = summary["rm/heldout_accuracy"] / bayes
-            ctx.log(f"reward: held-out accuracy {summary['rm/heldout_accuracy']:.3f} = "
-                    f"{summary['rm/heldout_accuracy_over_bayes']:.3f} x the Bayes-optimal {bayes:.3f}")
+            ctx.log(
+                f"reward: held-out accuracy {summary['rm/heldout_accuracy']:.3f} = "
+                f"{summary['rm/heldout_accuracy_over_bayes']:.3f} x the Bayes-optimal {bayes:.3f}"
+            )
     summary["timing/rm"] = time.perf_counter() - start  # not timing/reward: the rl stage's reward scoring
     return summary
 
@@ -113,8 +115,15 @@ def demonstration_dataset(ctx: StageContext) -> Any:
     of the train split."""
     cfg = ctx.cfg
     demos = train_dataset(ctx, "demos", ctx.tokenizer_dir()).take_all()
-    samples = policy_samples(cfg.rollout, ctx.policy_dir(), [d["prompt"] for d in demos], 1, seed=cfg.run.seed,
-                             log=ctx.log, what="rm.demonstration_pairs: sampling the policy")
+    samples = policy_samples(
+        cfg.rollout,
+        ctx.policy_dir(),
+        [d["prompt"] for d in demos],
+        1,
+        seed=cfg.run.seed,
+        log=ctx.log,
+        what="rm.demonstration_pairs: sampling the policy",
+    )
     rows = demonstration_pairs(demos, samples, [], seed=cfg.run.seed)
     ctx.log(f"rm.demonstration_pairs: {len(rows)} (demonstration, policy sample) pairs from {ctx.policy_dir()}")
     return quiet(ray.data.from_items(rows))

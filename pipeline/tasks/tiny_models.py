@@ -104,24 +104,43 @@ def with_chat_template(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenize
 
 
 def _common(tokenizer: PreTrainedTokenizerFast) -> dict:
-    return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
-def _decoder_config(model_type: str, tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int,
-                    **extra) -> PretrainedConfig:
+def _decoder_config(
+    model_type: str, tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int, **extra
+) -> PretrainedConfig:
     """Llama-shaped config of another family: grouped-query heads of HEAD_DIM, SwiGLU width 2x."""
     heads = max(2, hidden_size // HEAD_DIM)
     return AutoConfig.for_model(
-        model_type, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=hidden_size // heads,
-        max_position_embeddings=MAX_POSITIONS, **_common(tokenizer), **extra)
+        model_type,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=hidden_size // heads,
+        max_position_embeddings=MAX_POSITIONS,
+        **_common(tokenizer),
+        **extra,
+    )
 
 
 def _gpt2_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, layers: int) -> PretrainedConfig:
     # GPT-2: Conv1D projections, learned positions, tied embeddings; its dropout is on by default.
-    return AutoConfig.for_model("gpt2", n_embd=hidden_size, n_layer=layers, n_head=max(2, hidden_size // HEAD_DIM),
-                                n_positions=MAX_POSITIONS, **_common(tokenizer))
+    return AutoConfig.for_model(
+        "gpt2",
+        n_embd=hidden_size,
+        n_layer=layers,
+        n_head=max(2, hidden_size // HEAD_DIM),
+        n_positions=MAX_POSITIONS,
+        **_common(tokenizer),
+    )
 
 
 # What each family brings that the weight sync and the learners must get right.
@@ -136,14 +155,16 @@ ARCHITECTURES: dict[str, Callable[[PreTrainedTokenizerFast, int, int], Pretraine
 }
 
 
-def build_causal_lm(architecture: str, tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, layers: int,
-                    seed: int) -> PreTrainedModel:
+def build_causal_lm(
+    architecture: str, tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, layers: int, seed: int
+) -> PreTrainedModel:
     """A random-init causal LM of one of ARCHITECTURES, sized for CPU tests, with the tokenizer's special ids."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: expected one of {sorted(ARCHITECTURES)}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(ARCHITECTURES[architecture](tokenizer, hidden_size, layers),
-                                             dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        ARCHITECTURES[architecture](tokenizer, hidden_size, layers), dtype=torch.float32
+    )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

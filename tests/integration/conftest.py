@@ -18,8 +18,13 @@ def local_ray():
 
     worker_setup()  # the Ray Data poll of a raylign run (pipeline/ray_hooks.py), here and in every worker
     with loopback_only():  # a `_node_ip_address` of 127.0.0.1 alone does not keep Ray on loopback
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"worker_process_setup_hook": WORKER_SETUP})
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"worker_process_setup_hook": WORKER_SETUP},
+        )
     yield ray
     ray.shutdown()
 
@@ -32,8 +37,13 @@ def grpo_cli_run(tmp_path_factory) -> subprocess.CompletedProcess:
     """`raylign run configs/tiny_grpo.yaml` (synth, sft, 40 GRPO steps) from the command line, once per session:
     test_rl checks the run itself, test_eval continues it with an eval stage."""
     out = tmp_path_factory.mktemp("grpo_cli")
-    return subprocess.run([RAYLIGN, "run", "configs/tiny_grpo.yaml", f"run.output_dir={out}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [RAYLIGN, "run", "configs/tiny_grpo.yaml", f"run.output_dir={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def continue_run(base: Path, dest: Path, stages: list[str], overrides: list[str]) -> Path:

@@ -22,16 +22,25 @@ _GROUPS = {}
 
 def roles_groups(roles):
     return _GROUPS[id(roles[3])]
+
+
 TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
 def roles(local_ray, task_dir):
-    cfg = load_config(None, [
-        "learner.num_workers=2", "learner.zero_stage=2", "learner.lr=0.01", "learner.micro_batch_size=8",
-        "rollout.max_new_tokens=12", f"rollout.kv_cache_memory_bytes={64 * 2**20}",
-        "reward.function=pipeline.tasks.synthetic:gold_reward",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "learner.num_workers=2",
+            "learner.zero_stage=2",
+            "learner.lr=0.01",
+            "learner.micro_batch_size=8",
+            "rollout.max_new_tokens=12",
+            f"rollout.kv_cache_memory_bytes={64 * 2**20}",
+            "reward.function=pipeline.tasks.synthetic:gold_reward",
+        ],
+    )
     resource_plan = plan(cfg)
     policy_dir = task_dir / "models/policy"
     groups = reserve(resource_plan)
@@ -39,8 +48,15 @@ def roles(local_ray, task_dir):
     rollout = spawn(RolloutWorker, roles["rollout"], groups, [(cfg.rollout, policy_dir)], {"seed": 0})[0]
     reward = spawn(RewardWorker, roles["reward"], groups, [(cfg.reward,)])[0]
     reference = spawn(ReferenceWorker, roles["reference"], groups, [(cfg.reference, policy_dir)])[0]
-    learners = LearnerGroup(PolicyLearner, cfg.learner, cfg.algo, policy_dir, seed=0,
-                            placement_group=groups[roles["learner"].group], **roles["learner"].actor_resources(0))
+    learners = LearnerGroup(
+        PolicyLearner,
+        cfg.learner,
+        cfg.algo,
+        policy_dir,
+        seed=0,
+        placement_group=groups[roles["learner"].group],
+        **roles["learner"].actor_resources(0),
+    )
     ray.get([rollout.setup.remote(), reward.setup.remote(), reference.setup.remote()])
     learners.setup()
     _GROUPS[id(learners)] = groups
@@ -79,10 +95,17 @@ def test_learner_update_then_sync_gives_vllm_the_learners_logprobs(roles, task_d
     # GRPO advantages from `scores` would all be 0; alternating +1/-1 scores give the update a direction.
     alternating = torch.tensor([1.0, -1.0]).repeat(len(sampled) // 2)
     advantages = grpo_advantages(alternating, group_size=G)[:, None].expand_as(old_logprobs)
-    metrics = learners.train_step(TrainBatch(
-        prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask, response_ids=sampled.response_ids,
-        response_mask=valid, old_logprobs=old_logprobs, advantages=advantages.contiguous(),
-        rollout_logprobs=sampled.rollout_logprobs))
+    metrics = learners.train_step(
+        TrainBatch(
+            prompt_ids=sampled.prompt_ids,
+            prompt_mask=sampled.prompt_mask,
+            response_ids=sampled.response_ids,
+            response_mask=valid,
+            old_logprobs=old_logprobs,
+            advantages=advantages.contiguous(),
+            rollout_logprobs=sampled.rollout_logprobs,
+        )
+    )
     assert metrics["mismatch/logprob_abs_max"] < TOLERANCE
     assert metrics["policy/grad_norm"] > 0
 

@@ -25,9 +25,17 @@ pytestmark = pytest.mark.slow
 
 G = 4
 TOLERANCE = 1e-3  # fp32 on CPU: a correct sync agrees to ~1e-6; the tied-head bug measured 0.03-0.04
-CFG = load_config(None, ["learner.lr=0.01", "learner.micro_batch_size=8", "rollout.max_new_tokens=12",
-                         f"rollout.kv_cache_memory_bytes={32 * 2**20}", "rollout.on_mismatch=error",
-                         f"rollout.max_logprob_mismatch={TOLERANCE}"])
+CFG = load_config(
+    None,
+    [
+        "learner.lr=0.01",
+        "learner.micro_batch_size=8",
+        "rollout.max_new_tokens=12",
+        f"rollout.kv_cache_memory_bytes={32 * 2**20}",
+        "rollout.on_mismatch=error",
+        f"rollout.max_logprob_mismatch={TOLERANCE}",
+    ],
+)
 
 
 def chat_prompts(model_dir, task_dir, tmp_path, n=4) -> list[str]:
@@ -36,8 +44,7 @@ def chat_prompts(model_dir, task_dir, tmp_path, n=4) -> list[str]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in write_messages_prompts(task_dir, tmp_path / "prompts.jsonl").open()]
-    return [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False)
-            for r in rows[:n]]
+    return [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) for r in rows[:n]]
 
 
 def update(learners: LearnerGroup, sampled: Rollouts) -> dict[str, float]:
@@ -45,10 +52,17 @@ def update(learners: LearnerGroup, sampled: Rollouts) -> dict[str, float]:
     the update a direction; old logprobs are the rollout's, as in an on-policy step."""
     alternating = torch.tensor([1.0, -1.0]).repeat(len(sampled) // 2)
     advantages = grpo_advantages(alternating, group_size=G)[:, None].expand_as(sampled.rollout_logprobs)
-    return learners.train_step(TrainBatch(
-        prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask, response_ids=sampled.response_ids,
-        response_mask=sampled.response_mask, old_logprobs=sampled.rollout_logprobs,
-        advantages=advantages.contiguous(), rollout_logprobs=sampled.rollout_logprobs))
+    return learners.train_step(
+        TrainBatch(
+            prompt_ids=sampled.prompt_ids,
+            prompt_mask=sampled.prompt_mask,
+            response_ids=sampled.response_ids,
+            response_mask=sampled.response_mask,
+            old_logprobs=sampled.rollout_logprobs,
+            advantages=advantages.contiguous(),
+            rollout_logprobs=sampled.rollout_logprobs,
+        )
+    )
 
 
 def max_diff(logprobs: torch.Tensor, sampled: Rollouts) -> float:
@@ -115,8 +129,9 @@ def test_the_mismatch_guard_fires_on_a_sync_with_one_corrupted_tensor(local_ray,
         ray.kill(rollout)
 
 
-def test_a_qwen2_run_on_messages_prompts_stays_on_policy_until_a_bad_sync_stops_it(local_ray, task_dir, tmp_path,
-                                                                                   monkeypatch):
+def test_a_qwen2_run_on_messages_prompts_stays_on_policy_until_a_bad_sync_stops_it(
+    local_ray, task_dir, tmp_path, monkeypatch
+):
     # The user's path end to end (`raylign run` in this process, so the sync can be tampered with): a Qwen2
     # policy, messages prompts in JSONL. Steps 1-3 must agree to 1e-3; the sync after step 3 corrupts one
     # tensor, and with rollout.on_mismatch=error step 4 stops the run naming the step.
@@ -138,12 +153,24 @@ def test_a_qwen2_run_on_messages_prompts_stays_on_policy_until_a_bad_sync_stops_
         return real_broadcast(named_tensors, version, rollout_actors, board=board)
 
     monkeypatch.setattr(rl_roles, "broadcast_weights", broadcast_corrupting_sync_3)
-    cfg = load_config(REPO / "configs/tiny_grpo.yaml", [
-        "stages=[rl]", f"model.policy={model_dir}", f"data.prompts={prompts}", "run.max_steps=4",
-        "rollout.prompts_per_step=4", f"rollout.samples_per_prompt={G}", "rollout.chunk_size=4",
-        "rollout.max_new_tokens=12", "run.eval_prompts=4", f"run.output_dir={tmp_path / 'runs'}",
-        "rollout.on_mismatch=error", f"rollout.max_logprob_mismatch={TOLERANCE}",
-        f"rollout.kv_cache_memory_bytes={32 * 2**20}"])
+    cfg = load_config(
+        REPO / "configs/tiny_grpo.yaml",
+        [
+            "stages=[rl]",
+            f"model.policy={model_dir}",
+            f"data.prompts={prompts}",
+            "run.max_steps=4",
+            "rollout.prompts_per_step=4",
+            f"rollout.samples_per_prompt={G}",
+            "rollout.chunk_size=4",
+            "rollout.max_new_tokens=12",
+            "run.eval_prompts=4",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "rollout.on_mismatch=error",
+            f"rollout.max_logprob_mismatch={TOLERANCE}",
+            f"rollout.kv_cache_memory_bytes={32 * 2**20}",
+        ],
+    )
     with pytest.raises(RunFailure, match=r"rl step 4: learner and rollout logprobs .* differ by up to"):
         run(cfg, log=lambda _: None)
     (run_dir,) = (tmp_path / "runs").iterdir()

@@ -95,8 +95,9 @@ def test_reader_refuses_a_bad_file_in_both_modes(local_ray, tmp_path, case_id):
     for mode in ("error", "skip"):
         with pytest.raises(DataError) as info:
             read_dataset(path, bad_data.row_check(), on_bad_rows=mode, log=lambda _: None)
-        assert str(path) in str(info.value) and ("all 3 rows are bad" if case_id == "wrong-type-column" and
-                                                 mode == "skip" else says) in str(info.value)
+        assert str(path) in str(info.value) and (
+            "all 3 rows are bad" if case_id == "wrong-type-column" and mode == "skip" else says
+        ) in str(info.value)
 
 
 RAY_DATA_THREADS = ("iter_threaded", "Prefetcher", "prompt-stream")
@@ -108,8 +109,9 @@ def ray_data_threads() -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t.name.startswith(RAY_DATA_THREADS))
 
 
-def test_prompt_stream_serves_seeded_epochs_resumes_mid_epoch_and_leaves_no_read_behind(local_ray, task_dir,
-                                                                                       tmp_path, request):
+def test_prompt_stream_serves_seeded_epochs_resumes_mid_epoch_and_leaves_no_read_behind(
+    local_ray, task_dir, tmp_path, request
+):
     import gc
     import time
 
@@ -117,8 +119,14 @@ def test_prompt_stream_serves_seeded_epochs_resumes_mid_epoch_and_leaves_no_read
     from pipeline.rl import PromptStream
     from pipeline.stages.context import Artifacts, StageContext
 
-    cfg = load_config(None, [f"data.prompts={task_dir / 'prompts.parquet'}",
-                             f"model.policy={task_dir / 'models/policy'}", f"run.output_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.prompts={task_dir / 'prompts.parquet'}",
+            f"model.policy={task_dir / 'models/policy'}",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
     ctx = StageContext(cfg=cfg, run_dir=tmp_path, artifacts=Artifacts(), log=lambda _: None)
     table = pq.read_table(task_dir / "prompts.parquet").to_pylist()
     train = {r["prompt"] for r in table if r["split"] == "train"}

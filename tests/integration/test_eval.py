@@ -31,8 +31,12 @@ def trained_run(grpo_cli_run, local_ray, tmp_path_factory):
     continued with an eval stage on 32 held-out prompts, best-of-16."""
     assert grpo_cli_run.returncode == 0, grpo_cli_run.stderr[-3000:]
     base = Path(grpo_cli_run.stdout.strip().splitlines()[-1])
-    run_dir = continue_run(base, tmp_path_factory.mktemp("eval") / base.name, ["synth", "sft", "rl", "eval"],
-                           ["eval.num_prompts=32", "eval.best_of_n=16"])
+    run_dir = continue_run(
+        base,
+        tmp_path_factory.mktemp("eval") / base.name,
+        ["synth", "sft", "rl", "eval"],
+        ["eval.num_prompts=32", "eval.best_of_n=16"],
+    )
     lines = []
     run(load_config(None), resume=run_dir, log=lines.append)
     summary = json.loads((run_dir / "summary.json").read_text())

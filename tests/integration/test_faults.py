@@ -24,9 +24,18 @@ RAYLIGN = str(Path(sys.executable).parent / "raylign")
 # RL from the synthetic (random-init) policy, no SFT, HF generate and plain torch learners: the driver's loop and
 # its checkpoints are under test here, not learning or the engines (tests/integration/test_rl.py resumes vLLM and
 # DeepSpeed after SIGINT). checkpoint_every=4 of 6 steps: a checkpoint at step 1-3 was written for a signal.
-TINY = ["stages=[synth, rl]", "synth.num_prompts=128", "run.max_steps=6", "run.checkpoint_every=4",
-        "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=16",
-        "rollout.engine=hf", "learner.backend=torch", "run.eval_prompts=8"]
+TINY = [
+    "stages=[synth, rl]",
+    "synth.num_prompts=128",
+    "run.max_steps=6",
+    "run.checkpoint_every=4",
+    "rollout.prompts_per_step=16",
+    "rollout.samples_per_prompt=4",
+    "rollout.max_new_tokens=16",
+    "rollout.engine=hf",
+    "learner.backend=torch",
+    "run.eval_prompts=8",
+]
 RESUME = ["configs/tiny_grpo.yaml", "--resume"]
 TIMEOUT_S = 600
 STARTED: list[subprocess.Popen] = []
@@ -38,8 +47,9 @@ class Run:
     def __init__(self, args: list[str], logs: Path):
         self.out, self.err = logs.with_suffix(".out"), logs.with_suffix(".err")
         with self.out.open("w") as out, self.err.open("w") as err:
-            self.proc = subprocess.Popen([RAYLIGN, "run", *args], cwd=REPO, stdout=out, stderr=err,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [RAYLIGN, "run", *args], cwd=REPO, stdout=out, stderr=err, start_new_session=True
+            )
         STARTED.append(self.proc)
 
     def stdout(self) -> str:
@@ -177,9 +187,21 @@ def test_run_with_a_bad_data_file_exits_2_with_one_line(tmp_path):
     rows = [{"prompt": r["prompt"], "response": r["chosen"]} for r in rows]
     rows[5]["response"] = 7
     demos = write_jsonl(tmp_path / "demos.jsonl", rows)
-    proc = subprocess.run([RAYLIGN, "run", "configs/tiny_grpo.yaml", "stages=[synth, sft]", "synth.num_prompts=64",
-                           f"data.demos={demos}", f"run.output_dir={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [
+            RAYLIGN,
+            "run",
+            "configs/tiny_grpo.yaml",
+            "stages=[synth, sft]",
+            "synth.num_prompts=64",
+            f"data.demos={demos}",
+            f"run.output_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("raylign: error:")]
     assert errors == [
@@ -212,8 +234,9 @@ print(json.dumps({"node": ray.nodes()[0]["NodeManagerAddress"], "listening": lis
 def test_a_local_ray_listens_on_loopback_only():
     """The Ray that `raylign run` starts when RAY_ADDRESS is unset: nothing of it is reachable from another host
     (no socket on 0.0.0.0, ::, or the machine's own address), and it has no dashboard."""
-    proc = subprocess.run([sys.executable, "-c", LISTENERS], cwd=REPO, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, "-c", LISTENERS], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found["node"] == "127.0.0.1"

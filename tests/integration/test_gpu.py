@@ -19,8 +19,7 @@ BF16_TOLERANCE = 0.5  # configs/gpu_*.yaml rollout.max_logprob_mismatch; docs/mo
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-def test_vllm_on_gpu_samples_with_the_gpu_learners_weights_after_each_sync(local_ray, task_dir, tmp_path,
-                                                                           architecture):
+def test_vllm_on_gpu_samples_with_the_gpu_learners_weights_after_each_sync(local_ray, task_dir, tmp_path, architecture):
     cfg = load_config(None, ["learner.lr=0.01", "rollout.max_new_tokens=12", "rollout.gpu_memory_utilization=0.2"])
     model_dir = write_user_model(task_dir, architecture, tmp_path / "model")
     rollout = ray.remote(num_cpus=1, num_gpus=1)(RolloutWorker).remote(cfg.rollout, model_dir, seed=0)

@@ -25,8 +25,15 @@ pytestmark = pytest.mark.slow
 
 RAYLIGN = str(Path(sys.executable).parent / "raylign")
 # The synthetic task and 2 RL steps with the HF engine and plain-torch learner: ~40 s of job on 2 cores.
-FAST = ["stages=[synth,rl]", "synth.num_prompts=64", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=2",
-        "rollout.engine=hf", "learner.backend=torch", "run.eval_prompts=8"]
+FAST = [
+    "stages=[synth,rl]",
+    "synth.num_prompts=64",
+    "rollout.prompts_per_step=8",
+    "rollout.samples_per_prompt=2",
+    "rollout.engine=hf",
+    "learner.backend=torch",
+    "run.eval_prompts=8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +70,9 @@ def wait_for_log(url: str, token: str, job_id: str, text: str, timeout_s: float 
 
 def test_submit_wait_succeeds_and_the_log_ends_with_the_summary(head):
     url, token = head
-    proc = raylign("submit", "configs/tiny_grpo.yaml", "run.max_steps=2", *FAST, "--address", url, "--wait",
-                   token=token)
+    proc = raylign(
+        "submit", "configs/tiny_grpo.yaml", "run.max_steps=2", *FAST, "--address", url, "--wait", token=token
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = proc.stdout.splitlines()[0]
     assert job_id.startswith("raylign-tiny_grpo-")

@@ -18,8 +18,11 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-PLACEMENT = ["placement.resources={rollout: {inference: 1}, learner: {trainer: 1}}", "rollout.num_workers=2",
-             "learner.num_workers=2"]
+PLACEMENT = [
+    "placement.resources={rollout: {inference: 1}, learner: {trainer: 1}}",
+    "rollout.num_workers=2",
+    "learner.num_workers=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,11 @@ def two_nodes():
     nodes = []
     try:
         nodes.append(start_node(temp / "head", num_cpus=4, resources={"trainer": 4}, env=env))
-        nodes.append(start_node(temp / "worker", num_cpus=4, resources={"inference": 2}, env=env,
-                                head_address=nodes[0].gcs_address))
+        nodes.append(
+            start_node(
+                temp / "worker", num_cpus=4, resources={"inference": 2}, env=env, head_address=nodes[0].gcs_address
+            )
+        )
         yield nodes[0].gcs_address, env
     finally:
         for node in reversed(nodes):
@@ -43,9 +49,14 @@ def two_nodes():
 @pytest.fixture(scope="module")
 def report(two_nodes):
     address, env = two_nodes
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.placement_probe", address, *PLACEMENT],
-                          cwd=REPO, env={**os.environ, **env, "RAY_AUTH_MODE": "token"}, capture_output=True,
-                          text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.placement_probe", address, *PLACEMENT],
+        cwd=REPO,
+        env={**os.environ, **env, "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -33,8 +33,9 @@ def sft_run(tmp_path_factory):
     """synth + sft once for the module; each test continues a copy of this run dir with its own rl stage."""
     import ray
 
-    cfg = load_config(REPO / "configs/tiny_grpo.yaml",
-                      ["stages=[synth, sft]", f"run.output_dir={tmp_path_factory.mktemp('runs')}"])
+    cfg = load_config(
+        REPO / "configs/tiny_grpo.yaml", ["stages=[synth, sft]", f"run.output_dir={tmp_path_factory.mktemp('runs')}"]
+    )
     run_dir = run(cfg, log=lambda _: None)
     yield run_dir
     ray.shutdown()
@@ -55,9 +56,25 @@ def test_tiny_grpo_from_the_cli_raises_heldout_gold(grpo_cli_run):
     assert s["mismatch/logprob_abs_max"] <= 1e-3  # the weights really are synced every step
     steps = steps_of(run_dir)
     assert [r["step"] for r in steps] == list(range(1, 41))
-    for key in ("reward/mean", "reward/std", "gold_reward/mean", "kl/ref", "policy/entropy", "policy/clip_frac",
-                "response/length_mean", "mismatch/logprob_abs_max", "weight_version", "timing/gen", "timing/reward",
-                "timing/ref", "timing/train", "timing/sync", "timing/other", "samples_per_s", "tokens_per_s"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "gold_reward/mean",
+        "kl/ref",
+        "policy/entropy",
+        "policy/clip_frac",
+        "response/length_mean",
+        "mismatch/logprob_abs_max",
+        "weight_version",
+        "timing/gen",
+        "timing/reward",
+        "timing/ref",
+        "timing/train",
+        "timing/sync",
+        "timing/other",
+        "samples_per_s",
+        "tokens_per_s",
+    ):
         assert key in steps[-1], key
     assert steps[-1]["weight_version"] == 39  # sampled with the weights of the step before
     for name in ("reward.png", "gold_reward.png", "kl.png"):
@@ -69,18 +86,31 @@ def test_tiny_grpo_from_the_cli_raises_heldout_gold(grpo_cli_run):
 
 
 def test_ppo_raises_heldout_gold(sft_run, tmp_path):
-    run_dir = run(load_config(None), resume=continue_with_rl(
-        sft_run, tmp_path / "ppo", ["algo.name=ppo", "run.max_steps=10", "learner.epochs=2"]), log=lambda _: None)
+    run_dir = run(
+        load_config(None),
+        resume=continue_with_rl(sft_run, tmp_path / "ppo", ["algo.name=ppo", "run.max_steps=10", "learner.epochs=2"]),
+        log=lambda _: None,
+    )
     s = summary(run_dir)
     assert s["gold_reward/final"] - s["gold_reward/initial"] >= 0.04, s  # measured 0.640 -> 0.753
     assert s["mismatch/logprob_abs_max"] <= 1e-3
 
 
 def test_a_reward_the_task_never_defined_is_optimized_by_two_engines_and_two_learners(sft_run, tmp_path):
-    run_dir = run(load_config(None), resume=continue_with_rl(
-        sft_run, tmp_path / "custom", ["reward.function=tests.integration.custom_reward:lo_share",
-                                        "rollout.num_workers=2", "learner.num_workers=2", "run.max_steps=8"]),
-        log=lambda _: None)
+    run_dir = run(
+        load_config(None),
+        resume=continue_with_rl(
+            sft_run,
+            tmp_path / "custom",
+            [
+                "reward.function=tests.integration.custom_reward:lo_share",
+                "rollout.num_workers=2",
+                "learner.num_workers=2",
+                "run.max_steps=8",
+            ],
+        ),
+        log=lambda _: None,
+    )
     evals = [e.metrics for e in read_events(run_dir, "rl") if isinstance(e, EvalRow)]
     # the SFT policy uses "ka" and "lo" about equally often (reward ~0.5); measured 0.508 -> 0.880 in 8 steps
     assert evals[-1]["eval/reward"] - evals[0]["eval/reward"] >= 0.1, evals
@@ -89,11 +119,15 @@ def test_a_reward_the_task_never_defined_is_optimized_by_two_engines_and_two_lea
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(sft_run, tmp_path):
     overrides = ["run.max_steps=6", "run.checkpoint_every=2", "run.eval_prompts=16"]
-    whole = run(load_config(None), resume=continue_with_rl(sft_run, tmp_path / "whole", overrides),
-                log=lambda _: None)
+    whole = run(load_config(None), resume=continue_with_rl(sft_run, tmp_path / "whole", overrides), log=lambda _: None)
     cut = continue_with_rl(sft_run, tmp_path / "cut", overrides)
-    proc = subprocess.Popen([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not any(r["step"] >= 2 for r in steps_of(cut)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
@@ -112,9 +146,15 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(sft_run, tmp_pa
 
 
 def test_rloo_in_async_mode_samples_one_update_behind_and_learns(sft_run, tmp_path):
-    run_dir = run(load_config(None), resume=continue_with_rl(
-        sft_run, tmp_path / "async", ["algo.name=rloo", "rollout.async=true", "rollout.max_staleness=1",
-                                       "algo.tis_cap=2.0", "run.max_steps=12"]), log=lambda _: None)
+    run_dir = run(
+        load_config(None),
+        resume=continue_with_rl(
+            sft_run,
+            tmp_path / "async",
+            ["algo.name=rloo", "rollout.async=true", "rollout.max_staleness=1", "algo.tis_cap=2.0", "run.max_steps=12"],
+        ),
+        log=lambda _: None,
+    )
     steps = steps_of(run_dir)
     # step k's samples were launched before step k-1's update was synced: weights of step k-2
     assert [r["weight_version"] for r in steps] == [0, 0] + list(range(1, 11))
@@ -143,10 +183,18 @@ def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tm
     # learner: the run restarts from its last checkpoint by itself (run.max_failures=1); a learner again after the
     # next step: out of restarts, exit 1 with one line; then --resume to the end. A killed worker is counted when
     # Ray has restarted it and it is next used, at most two steps later.
-    cut = continue_with_rl(sft_run, tmp_path / "faults", ["run.max_steps=6", "run.checkpoint_every=1",
-                                                            "run.max_failures=1", "run.eval_prompts=8"])
-    proc = subprocess.Popen([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cut = continue_with_rl(
+        sft_run,
+        tmp_path / "faults",
+        ["run.max_steps=6", "run.checkpoint_every=1", "run.max_failures=1", "run.eval_prompts=8"],
+    )
+    proc = subprocess.Popen(
+        [RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # (worker restarts counted before the kill, the roles to kill)
     plan = [(0, ["RolloutWorker", "RewardWorker"]), (2, ["PolicyLearner"]), (2, ["PolicyLearner"])]
     deadline = time.monotonic() + 900
@@ -163,8 +211,13 @@ def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tm
     _, err = proc.communicate(timeout=600)
     assert not plan and proc.returncode == 1, (plan, err[-3000:])
     assert "an actor died" in err and "--resume" in err, err[-3000:]
-    resumed = subprocess.run([RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)], cwd=REPO,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = steps_of(cut)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # each step once: nothing lost or counted twice
@@ -179,9 +232,16 @@ def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tm
 def test_non_finite_rewards_skip_updates_then_stop_the_run(sft_run, tmp_path):
     from pipeline.errors import RunFailure
 
-    cut = continue_with_rl(sft_run, tmp_path / "nan", ["reward.function=tests.integration.custom_reward:nan_reward",
-                                                        "run.max_steps=6", "run.max_bad_steps=2",
-                                                        "run.eval_prompts=8"])
+    cut = continue_with_rl(
+        sft_run,
+        tmp_path / "nan",
+        [
+            "reward.function=tests.integration.custom_reward:nan_reward",
+            "run.max_steps=6",
+            "run.max_bad_steps=2",
+            "run.eval_prompts=8",
+        ],
+    )
     with pytest.raises(RunFailure, match=r"rl step 2: non-finite reward for 2 steps in a row"):
         run(load_config(None), resume=cut, log=lambda _: None)
     steps = steps_of(cut)

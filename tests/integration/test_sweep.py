@@ -18,9 +18,18 @@ from tests.conftest import REPO
 
 RAYLIGN = str(Path(sys.executable).parent / "raylign")
 TINY = [
-    "stages=[synth, rl]", "synth.num_prompts=64", "synth.policy_layers=2", "synth.policy_hidden_size=64",
-    "rollout.engine=hf", "learner.backend=torch", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
-    "rollout.chunk_size=4", "rollout.max_new_tokens=8", "run.eval_prompts=4", "run.checkpoint_every=1",
+    "stages=[synth, rl]",
+    "synth.num_prompts=64",
+    "synth.policy_layers=2",
+    "synth.policy_hidden_size=64",
+    "rollout.engine=hf",
+    "learner.backend=torch",
+    "rollout.prompts_per_step=4",
+    "rollout.samples_per_prompt=2",
+    "rollout.chunk_size=4",
+    "rollout.max_new_tokens=8",
+    "run.eval_prompts=4",
+    "run.checkpoint_every=1",
 ]
 
 
@@ -81,10 +90,20 @@ def test_interrupted_sweep_resumes_only_the_unfinished_trial(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_asha_stops_the_worse_trial_and_results_mark_it(tmp_path):
-    space = ("sweep.space={reward.function: {grid: ['tests.integration.sweep_reward:words', "
-             "'tests.integration.sweep_reward:minus_words']}}")
-    rc, out = finish(*start(tmp_path, "run.max_steps=3", space, "sweep.scheduler=asha", "sweep.grace_period=1",
-                            "sweep.metric=reward/final"))
+    space = (
+        "sweep.space={reward.function: {grid: ['tests.integration.sweep_reward:words', "
+        "'tests.integration.sweep_reward:minus_words']}}"
+    )
+    rc, out = finish(
+        *start(
+            tmp_path,
+            "run.max_steps=3",
+            space,
+            "sweep.scheduler=asha",
+            "sweep.grace_period=1",
+            "sweep.metric=reward/final",
+        )
+    )
     assert rc == 0, out[-3000:]
     sweep_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
     rows = read_csv(sweep_dir / "results.csv")

@@ -81,22 +81,28 @@ class RowCase:
 
 
 ROW_CASES = {
-    "missing-column": RowCase(lambda d: write_jsonl(d / "p.jsonl", with_bad_row(rejected=...)),
-                              "missing column 'rejected'", line=BAD_ROW + 1),
-    "wrong-type": RowCase(lambda d: write_jsonl(d / "p.jsonl", with_bad_row(chosen=5)),
-                          "chosen has type int; expected a string or a messages list", line=BAD_ROW + 1),
+    "missing-column": RowCase(
+        lambda d: write_jsonl(d / "p.jsonl", with_bad_row(rejected=...)), "missing column 'rejected'", line=BAD_ROW + 1
+    ),
+    "wrong-type": RowCase(
+        lambda d: write_jsonl(d / "p.jsonl", with_bad_row(chosen=5)),
+        "chosen has type int; expected a string or a messages list",
+        line=BAD_ROW + 1,
+    ),
     "null": RowCase(lambda d: write_parquet(d / "p.parquet", with_bad_row(rejected=None)), "rejected is null"),
     "empty-string": RowCase(lambda d: write_parquet(d / "p.parquet", with_bad_row(prompt="")), "prompt is empty"),
-    "blank-string": RowCase(lambda d: write_parquet(d / "p.parquet", with_bad_row(chosen=" \n\t")),
-                            "chosen is empty"),
+    "blank-string": RowCase(lambda d: write_parquet(d / "p.parquet", with_bad_row(chosen=" \n\t")), "chosen is empty"),
     # one token per " ka" with the task's tokenizer, plus BOS on a prompt: 41 tokens against a limit of 32
-    "prompt-too-long": RowCase(lambda d: write_parquet(d / "p.parquet", with_bad_row(prompt=" ka" * 40)),
-                               "prompt has 41 tokens; the limit is 32"),
+    "prompt-too-long": RowCase(
+        lambda d: write_parquet(d / "p.parquet", with_bad_row(prompt=" ka" * 40)),
+        "prompt has 41 tokens; the limit is 32",
+    ),
     "non-utf8": RowCase(non_utf8, "not valid UTF-8 (byte 15)", line=BAD_ROW + 1),
-    "not-json": RowCase(lambda d: write_jsonl(d / "p.jsonl", prefs()[:BAD_ROW] + [b'{"prompt": "a",\n']
-                                              + prefs()[BAD_ROW + 1 :]),
-                        "not valid JSON (Expecting property name enclosed in double quotes at column 16)",
-                        line=BAD_ROW + 1),
+    "not-json": RowCase(
+        lambda d: write_jsonl(d / "p.jsonl", prefs()[:BAD_ROW] + [b'{"prompt": "a",\n'] + prefs()[BAD_ROW + 1 :]),
+        "not valid JSON (Expecting property name enclosed in double quotes at column 16)",
+        line=BAD_ROW + 1,
+    ),
 }
 
 FILE_CASES = {

@@ -64,7 +64,7 @@ def test_rayjob_runs_a_config_the_image_holds():
 
 def test_the_image_copies_every_package_of_the_project():
     pyproject = (REPO / "pyproject.toml").read_text()
-    packages = re.search(r'include = \[(.*?)\]', pyproject).group(1)
+    packages = re.search(r"include = \[(.*?)\]", pyproject).group(1)
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     for package in re.findall(r'"(\w+)\*"', packages):
         assert f"COPY --chown=ray:users {package} ./{package}" in dockerfile, package

@@ -23,8 +23,14 @@ print("raylign: progress")
 
 def test_library_logs_go_to_the_driver_log_and_raylign_lines_to_the_console(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAYLIGN_VERBOSE"}
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "logs")], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "raylign: progress\n"
     assert out.stderr == "raylign: own line\n"
@@ -36,8 +42,9 @@ def test_library_logs_go_to_the_driver_log_and_raylign_lines_to_the_console(tmp_
 def test_verbose_leaves_everything_on_the_console(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYLIGN_VERBOSE", "1")
     assert verbose()
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "logs")], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path / "logs")], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert "a transformers warning" in out.stderr and "a C++ log line" in out.stderr
     assert not (tmp_path / "logs").exists()
 

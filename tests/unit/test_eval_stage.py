@@ -24,8 +24,12 @@ def test_eval_is_a_stage_and_ends_the_default_pipeline():
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("eval.best_of_n=48", "eval.best_of_n"), ("eval.confidence=1", "eval.confidence"),
-     ("eval.gold_reward=not a spec", "eval.gold_reward"), ("eval.bootstrap_resamples=10", "eval.bootstrap_resamples")],
+    [
+        ("eval.best_of_n=48", "eval.best_of_n"),
+        ("eval.confidence=1", "eval.confidence"),
+        ("eval.gold_reward=not a spec", "eval.gold_reward"),
+        ("eval.bootstrap_resamples=10", "eval.bootstrap_resamples"),
+    ],
 )
 def test_bad_eval_keys_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -64,10 +68,17 @@ def cfg_for_stats(resamples=200):
 
 def test_compare_pairs_sample_i_with_sample_i_of_the_reference():
     # 2 prompts, G = 2 policy samples, M = 4 reference samples: only the reference's first 2 are paired.
-    policy = eval_stage.Samples(reward=None, gold=torch.tensor([[1.0, 0.0], [0.5, 0.5]]),
-                                length=torch.tensor([[10.0, 12.0], [8.0, 6.0]]), kl=torch.tensor([[1.0, 3.0], [2, 2]]))
-    reference = eval_stage.Samples(reward=None, gold=torch.tensor([[0.5, 0.5, 9, 9], [0.5, 0.0, 9, 9]]),
-                                   length=torch.tensor([[4.0, 4, 99, 99], [4, 4, 99, 99]]))
+    policy = eval_stage.Samples(
+        reward=None,
+        gold=torch.tensor([[1.0, 0.0], [0.5, 0.5]]),
+        length=torch.tensor([[10.0, 12.0], [8.0, 6.0]]),
+        kl=torch.tensor([[1.0, 3.0], [2, 2]]),
+    )
+    reference = eval_stage.Samples(
+        reward=None,
+        gold=torch.tensor([[0.5, 0.5, 9, 9], [0.5, 0.0, 9, 9]]),
+        length=torch.tensor([[4.0, 4, 99, 99], [4, 4, 99, 99]]),
+    )
     out = eval_stage.compare(policy, reference, cfg_for_stats())
     # outcomes [[1, 0], [0.5, 1]]: win rate 0.625; reward is absent.
     assert out["win_rate"]["gold"]["mean"] == 0.625 and "reward" not in out["win_rate"]
@@ -94,17 +105,24 @@ def test_best_of_n_curve_uses_the_reward_and_reports_gold():
 
 def report_for_plots(gold_shift=0.0):
     iv = lambda m: {"mean": m, "low": m - 0.02, "high": m + 0.02}  # noqa: E731
-    curve = [{"n": n, "kl": k, "reward": iv(0.5 + 0.1 * i), "gold": iv(0.5 + 0.1 * i - gold_shift * i)}
-             for i, (n, k) in enumerate([(1, 0.0), (2, 0.193), (4, 0.636)])]
+    curve = [
+        {"n": n, "kl": k, "reward": iv(0.5 + 0.1 * i), "gold": iv(0.5 + 0.1 * i - gold_shift * i)}
+        for i, (n, k) in enumerate([(1, 0.0), (2, 0.193), (4, 0.636)])
+    ]
     return {
         "win_rate": {"gold": iv(0.6), "reward": iv(0.7)},
         "policy_means": {"gold": iv(0.6), "reward": iv(0.7), "kl": iv(0.4), "length": iv(11.0)},
         "reference_means": {"gold": iv(0.5), "reward": iv(0.5), "length": iv(14.0)},
         "best_of_n": curve,
         "calibration": {
-            "pairs": 3, "members": 2, "accuracy": iv(0.667), "ece": 0.1,
-            "bins": [{"low": 0.2, "high": 0.3, "confidence": 0.25, "frequency": 0.0, "count": 3},
-                     {"low": 0.7, "high": 0.8, "confidence": 0.75, "frequency": 1.0, "count": 3}],
+            "pairs": 3,
+            "members": 2,
+            "accuracy": iv(0.667),
+            "ece": 0.1,
+            "bins": [
+                {"low": 0.2, "high": 0.3, "confidence": 0.25, "frequency": 0.0, "count": 3},
+                {"low": 0.7, "high": 0.8, "confidence": 0.75, "frequency": 1.0, "count": 3},
+            ],
             "disagreement": [{"std": 0.1, "error": 0.0, "count": 2}, {"std": 0.5, "error": 1.0, "count": 1}],
             "disagreement_error_corr": 0.9,
         },

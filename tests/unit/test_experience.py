@@ -25,9 +25,14 @@ def rollouts(prompt_rows, response_rows, logprob_rows, g=2, version=3) -> Rollou
     return Rollouts(
         prompts=[f"p{i // g}" for i in range(len(prompt_rows))],
         responses=[" ka ." for _ in prompt_rows],
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
         rollout_logprobs=pad_right(logprob_rows, 0.0, torch.float32)[0],
-        finish_reasons=["stop"] * len(prompt_rows), weight_version=version, group_size=g,
+        finish_reasons=["stop"] * len(prompt_rows),
+        weight_version=version,
+        group_size=g,
     )
 
 
@@ -65,8 +70,9 @@ def test_grpo_subtracts_the_summed_kl_then_normalizes_per_group():
 def test_rloo_and_kl_as_a_loss_term():
     algo = AlgoConfig(name="rloo", kl={"mode": "loss"})
     (batch,), _ = make_train_batches(two_chunks(), algo, kl_coef=0.1, world_size=1)
-    assert batch.advantages[:, 0].tolist() == pytest.approx(rloo_advantages(torch.tensor([1.0, 0, 0, 2]),
-                                                                            group_size=2).tolist())
+    assert batch.advantages[:, 0].tolist() == pytest.approx(
+        rloo_advantages(torch.tensor([1.0, 0, 0, 2]), group_size=2).tolist()
+    )
     assert batch.kl_coef == 0.1 and batch.ref_logprobs is not None
 
 
@@ -82,8 +88,9 @@ def test_reinforce_pp_whitens_kl_shaped_returns():
 
 
 def test_ppo_uses_gae_on_critic_values():
-    chunks = [Chunk(c.rollouts, c.scores, c.ref_logprobs, values=torch.full_like(c.ref_logprobs, 0.5))
-              for c in two_chunks()]
+    chunks = [
+        Chunk(c.rollouts, c.scores, c.ref_logprobs, values=torch.full_like(c.ref_logprobs, 0.5)) for c in two_chunks()
+    ]
     algo = AlgoConfig(name="ppo", gamma=1.0, lam=1.0)
     (batch,), _ = make_train_batches(chunks, algo, kl_coef=0.0, world_size=1)
     mask = batch.response_mask
@@ -96,8 +103,9 @@ def test_ppo_uses_gae_on_critic_values():
 
 
 def test_shards_split_rows_and_gold_is_measured():
-    shards, metrics = make_train_batches(two_chunks(), AlgoConfig(name="grpo"), kl_coef=0.0, world_size=2,
-                                         gold_reward=GOLD)
+    shards, metrics = make_train_batches(
+        two_chunks(), AlgoConfig(name="grpo"), kl_coef=0.0, world_size=2, gold_reward=GOLD
+    )
     assert [len(s) for s in shards] == [2, 2]
     assert shards[1].response_ids[0].tolist() == [8, 9, 10]
     assert metrics["gold_reward/mean"] == 0.0  # " ka ." is not a sentence

@@ -43,8 +43,14 @@ def heavy_modules_loaded_by(*modules: str) -> list[str]:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *modules], cwd=REPO, capture_output=True, text=True,
-                         check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, *modules],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -87,6 +93,8 @@ def test_no_role_module_imports_another_role_module(path):
 def test_the_role_rule_sees_a_planted_import(tmp_path):
     bad = tmp_path / "actors" / "rollout.py"
     bad.parent.mkdir()
-    bad.write_text("import actors.hf\nfrom actors import sequences\n\n\ndef f():\n"
-                   "    from actors.reference import ReferenceWorker\n    from actors import reward\n")
+    bad.write_text(
+        "import actors.hf\nfrom actors import sequences\n\n\ndef f():\n"
+        "    from actors.reference import ReferenceWorker\n    from actors import reward\n"
+    )
     assert imported_roles(bad, roles=["reference", "reward", "rollout"]) == {"reference", "reward"}

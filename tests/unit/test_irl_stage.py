@@ -11,8 +11,10 @@ from tests.conftest import REPO
 
 
 def round_record(gold_before: float, gold_after: float, accuracy: float) -> dict:
-    evals = [{"eval/gold_reward": gold_before, "eval/reward": 0.0, "eval/prompts": 64.0},
-             {"eval/gold_reward": gold_after, "eval/reward": 1.0, "eval/prompts": 64.0}]
+    evals = [
+        {"eval/gold_reward": gold_before, "eval/reward": 0.0, "eval/prompts": 64.0},
+        {"eval/gold_reward": gold_after, "eval/reward": 1.0, "eval/prompts": 64.0},
+    ]
     return {"policy": "p", "reward": "r", "evals": evals, "discriminator": {"disc/accuracy": accuracy}}
 
 

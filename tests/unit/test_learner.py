@@ -158,8 +158,10 @@ def test_non_finite_reward_or_loss_skips_the_update(task_dir, backend):
     assert "bad/skipped" not in m and lrn.optimizer_steps() == 1
     fresh = learner(task_dir, backend=backend, zero_stage=0)
     fresh.train_step(batch)
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-7)
-               for a, b in zip(lrn.engine.module.parameters(), fresh.engine.module.parameters(), strict=True))
+    assert all(
+        torch.allclose(a, b, rtol=0, atol=1e-7)
+        for a, b in zip(lrn.engine.module.parameters(), fresh.engine.module.parameters(), strict=True)
+    )
 
 
 def test_learner_threads_default_to_the_cores_shared_among_ranks():

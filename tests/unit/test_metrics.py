@@ -3,8 +3,10 @@ from pipeline.types import StepRow
 
 
 def steps(n):
-    return [StepRow(s, {"reward/mean": 0.1 * s, "gold_reward/mean": 0.2 + 0.01 * s, "kl/ref": 0.001 * s})
-            for s in range(1, n + 1)]
+    return [
+        StepRow(s, {"reward/mean": 0.1 * s, "gold_reward/mean": 0.2 + 0.01 * s, "kl/ref": 0.001 * s})
+        for s in range(1, n + 1)
+    ]
 
 
 def test_plots_are_written(tmp_path):

@@ -15,16 +15,35 @@ def test_updates_per_epoch_count_the_last_partial_batch_of_each_equal_shard():
 
 
 def test_a_progress_line_gives_done_total_rate_and_eta():
-    record = {"kind": "progress", "stage": "reward", "member": 0, "epoch": 1, "epochs": 2, "updates": 120,
-              "of": 2560, "rate": 2.0, "loss/bt": 0.65123, "grad_norm": 1.0}
+    record = {
+        "kind": "progress",
+        "stage": "reward",
+        "member": 0,
+        "epoch": 1,
+        "epochs": 2,
+        "updates": 120,
+        "of": 2560,
+        "rate": 2.0,
+        "loss/bt": 0.65123,
+        "grad_norm": 1.0,
+    }
     # 2 updates per second over the last interval; 2,440 left: 1,220 s = 20 min 20 s
     assert describe_progress(record) == (
-        "reward: member 0 epoch 1/2 update 120/2560 (5%) eta 20m 20s 2.00 updates/s loss/bt 0.6512")
+        "reward: member 0 epoch 1/2 update 120/2560 (5%) eta 20m 20s 2.00 updates/s loss/bt 0.6512"
+    )
 
 
 def test_a_progress_line_without_a_total_gives_the_count_and_rate():
-    record = {"kind": "progress", "stage": "sft", "member": 0, "epoch": 1, "epochs": 1, "updates": 10, "of": None,
-              "rate": 2.5}
+    record = {
+        "kind": "progress",
+        "stage": "sft",
+        "member": 0,
+        "epoch": 1,
+        "epochs": 1,
+        "updates": 10,
+        "of": None,
+        "rate": 2.5,
+    }
     assert describe_progress(record) == "sft: epoch 1/1 update 10 2.50 updates/s"
 
 

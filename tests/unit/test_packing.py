@@ -78,8 +78,9 @@ def test_packed_logprobs_losses_and_gradients_equal_padded(arch, tokenizer):
     results = {}
     for layout in (PADDED, packed):
         logprobs = layout.logprobs(model, *fields(batch))
-        loss, _ = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask,
-                                  clip_low=0.2, clip_high=0.2)
+        loss, _ = ppo_policy_loss(
+            logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, clip_low=0.2, clip_high=0.2
+        )
         loss.backward()
         results[layout.name] = logprobs.detach(), loss.detach(), grads(model)
     (lp_pad, loss_pad, g_pad), (lp_pack, loss_pack, g_pack) = results["padded"], results["packed"]
@@ -148,8 +149,12 @@ def test_a_micro_batch_without_response_tokens_still_runs_a_forward(tokenizer):
 
 def test_a_sequence_with_a_response_needs_a_prompt_token():
     with pytest.raises(ValueError, match="empty prompt"):
-        pack(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.bool),
-             torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool))
+        pack(
+            torch.zeros(1, 2, dtype=torch.long),
+            torch.zeros(1, 2, dtype=torch.bool),
+            torch.ones(1, 2, dtype=torch.long),
+            torch.ones(1, 2, dtype=torch.bool),
+        )
 
 
 def test_token_budget_fills_longest_first_by_hand():
@@ -158,7 +163,10 @@ def test_token_budget_fills_longest_first_by_hand():
     plan = micro_batches(lengths, rows=2, max_tokens=10, tokens=packed_tokens)
     assert [idx.tolist() for idx in plan] == [[1, 2], [3, 4], [0]]
     assert [idx.tolist() for idx in micro_batches(lengths, rows=2, max_tokens=None, tokens=packed_tokens)] == [
-        [0, 1], [2, 3], [4]]
+        [0, 1],
+        [2, 3],
+        [4],
+    ]
     # Padded, a micro-batch costs rows x (longest prompt + longest response): 8 | 6 | 3 (6,4: 2x(3+3)=12) ...
     plan = micro_batches(lengths, rows=2, max_tokens=10, tokens=padded_tokens)
     assert all(padded_tokens(lengths[idx]) <= 10 for idx in plan)
@@ -191,10 +199,16 @@ def test_balanced_shards_are_equal_in_size_and_even_in_tokens():
 
 
 def test_token_counts_add_up_over_ranks():
-    ranks = [{"tokens/real": 10.0, "tokens/computed": 12.0, "loss/policy": 1.0, "mismatch/logprob_abs_max": 0.1},
-             {"tokens/real": 20.0, "tokens/computed": 20.0, "loss/policy": 3.0, "mismatch/logprob_abs_max": 0.3}]
-    assert mean_metrics(ranks) == {"tokens/real": 30.0, "tokens/computed": 32.0, "loss/policy": 2.0,
-                                   "mismatch/logprob_abs_max": 0.3}
+    ranks = [
+        {"tokens/real": 10.0, "tokens/computed": 12.0, "loss/policy": 1.0, "mismatch/logprob_abs_max": 0.1},
+        {"tokens/real": 20.0, "tokens/computed": 20.0, "loss/policy": 3.0, "mismatch/logprob_abs_max": 0.3},
+    ]
+    assert mean_metrics(ranks) == {
+        "tokens/real": 30.0,
+        "tokens/computed": 32.0,
+        "loss/policy": 2.0,
+        "mismatch/logprob_abs_max": 0.3,
+    }
 
 
 def test_a_model_that_cannot_take_packed_positions_falls_back_with_one_log_line(tokenizer, caplog):
@@ -211,7 +225,8 @@ def test_a_model_that_cannot_take_packed_positions_falls_back_with_one_log_line(
         assert choose_layout(model, model, torch.device("cpu"), True, who="learner").name == "packed"
     assert len(caplog.records) == 1
     assert "learner: padded forwards instead of packed: LlamaForCausalLM packed and padded outputs differ" in (
-        caplog.records[0].getMessage())
+        caplog.records[0].getMessage()
+    )
 
 
 def free_port() -> int:

@@ -42,9 +42,14 @@ def test_custom_resources_pin_roles_to_nodes():
     assert p.roles["learner"].bundles == [{"CPU": 1.0}]
 
 
-@pytest.mark.parametrize("value, message", [("[[reward, reward]]", "appears in two groups"),
-                                            ("[[reward]]", "at least 2 roles"),
-                                            ("[[reward, bogus]]", "placement.colocate[0][1]")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[[reward, reward]]", "appears in two groups"),
+        ("[[reward]]", "at least 2 roles"),
+        ("[[reward, bogus]]", "placement.colocate[0][1]"),
+    ],
+)
 def test_bad_colocation_is_a_config_error(value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, [f"placement.colocate={value}"])

@@ -5,8 +5,15 @@ from pipeline.config import load_config
 
 
 def test_custom_resources_choose_the_nodes_and_roles_choose_the_layout():
-    cfg = load_config(None, ["placement.resources={rollout: {inference: 1}, learner: {trainer: 1}}",
-                             "rollout.num_workers=2", "learner.num_workers=2", "algo.name=ppo"])
+    cfg = load_config(
+        None,
+        [
+            "placement.resources={rollout: {inference: 1}, learner: {trainer: 1}}",
+            "rollout.num_workers=2",
+            "learner.num_workers=2",
+            "algo.name=ppo",
+        ],
+    )
     roles = plan(cfg).roles
     assert roles["rollout"].node_resources() == {"inference": 1.0}
     assert roles["rollout"].where() == "on nodes with inference>=1, spread over nodes"

@@ -11,9 +11,21 @@ from pipeline.types import EvalRow, Restart, StepRow
 
 
 def step(s: int, restarts: float = 0.0) -> StepRow:
-    return StepRow(s, {"reward/mean": 0.1 * s, "gold_reward/mean": 0.2 + 0.01 * s, "kl/ref": 0.001 * s,
-                       "samples": 64, "tokens": 640, "timing/step": 2.0, "timing/gen": 1.0, "timing/train": 0.5,
-                       "mismatch/logprob_abs_max": 1e-4 * s, "faults/restarts": restarts})
+    return StepRow(
+        s,
+        {
+            "reward/mean": 0.1 * s,
+            "gold_reward/mean": 0.2 + 0.01 * s,
+            "kl/ref": 0.001 * s,
+            "samples": 64,
+            "tokens": 640,
+            "timing/step": 2.0,
+            "timing/gen": 1.0,
+            "timing/train": 0.5,
+            "mismatch/logprob_abs_max": 1e-4 * s,
+            "faults/restarts": restarts,
+        },
+    )
 
 
 def evaluation(s: int, gold: float, final: bool = False) -> EvalRow:
@@ -106,11 +118,23 @@ def test_truncation_keeps_other_stages_and_earlier_irl_rounds(tmp_path):
         second.add(event)
     # round 2's rows are numbered from 2 and tagged; its evaluation before step 1 shares step 2 with round 1's last
     assert [(r["step"], r.get("irl/round")) for r in lines(tmp_path)] == [
-        (9, None), (0, 1), (1, 1), (2, 1), (2, 1), (2, 2), (3, 2)]
+        (9, None),
+        (0, 1),
+        (1, 1),
+        (2, 1),
+        (2, 1),
+        (2, 2),
+        (3, 2),
+    ]
     assert second.events() == [evaluation(0, 0.4), step(1)]  # in the loop's numbering, tags left out
     second.add(Restart(0, 1))  # round 2 starts again: only its own rows go
     assert [(r["stage"], r["step"], r.get("irl/round")) for r in lines(tmp_path)] == [
-        ("sft", 9, None), ("irl", 0, 1), ("irl", 1, 1), ("irl", 2, 1), ("irl", 2, 1)]
+        ("sft", 9, None),
+        ("irl", 0, 1),
+        ("irl", 1, 1),
+        ("irl", 2, 1),
+        ("irl", 2, 1),
+    ]
     assert [e.step for e in read_events(tmp_path, "irl")] == [0, 1, 2, 2]
     truncate(tmp_path, stage="irl", after_step=0)  # a stage-wide fresh start
     assert [r["stage"] for r in lines(tmp_path)] == ["sft"]
@@ -136,14 +160,33 @@ SUMMARY = {
 
 def test_the_summary_has_todays_keys_and_hand_computed_values(tmp_path):
     rec = recorder(tmp_path)
-    for event in (evaluation(0, 0.3), step(1), step(2), Restart(2, 1), step(3, restarts=1.0), step(4, 1.0),
-                  evaluation(4, 0.5, final=True)):
+    for event in (
+        evaluation(0, 0.3),
+        step(1),
+        step(2),
+        Restart(2, 1),
+        step(3, restarts=1.0),
+        step(4, 1.0),
+        evaluation(4, 0.5, final=True),
+    ):
         rec.add(event)
     summary = rec.summary()
     # the `rl` stage's summary.json keys (DESIGN.md) besides timing/rl, which the stage adds
-    assert set(summary) == {"steps", "samples_per_s", "tokens_per_s", "reward/initial", "reward/final", "kl/final",
-                            "mismatch/logprob_abs_max", "gold_reward/initial", "gold_reward/final", "timing/gen",
-                            "timing/train", "faults/restarts", "faults/learner_restarts"}
+    assert set(summary) == {
+        "steps",
+        "samples_per_s",
+        "tokens_per_s",
+        "reward/initial",
+        "reward/final",
+        "kl/final",
+        "mismatch/logprob_abs_max",
+        "gold_reward/initial",
+        "gold_reward/final",
+        "timing/gen",
+        "timing/train",
+        "faults/restarts",
+        "faults/learner_restarts",
+    }
     assert summary == pytest.approx(SUMMARY)
 
 
@@ -159,8 +202,9 @@ def test_a_loop_stopped_before_step_1_summarizes_its_start_only():
 
 
 def test_without_a_gold_reward_the_summary_has_no_gold_keys():
-    plain = [StepRow(s.step, {k: v for k, v in s.metrics.items() if k != "gold_reward/mean"}) for s in
-             (step(1), step(2))]
+    plain = [
+        StepRow(s.step, {k: v for k, v in s.metrics.items() if k != "gold_reward/mean"}) for s in (step(1), step(2))
+    ]
     no_gold = EvalRow(2, {"eval/reward": 0.1, "eval/prompts": 16.0}, final=True)
     summary = rl_summary([EvalRow(0, {"eval/reward": 0.0, "eval/prompts": 16.0}), *plain, no_gold], restarts=0)
     assert not any(k.startswith("gold_reward/") for k in summary)

@@ -36,18 +36,35 @@ def run_dir(tmp_path):
     d.mkdir()
     config = f"run:\n  name: {json.dumps(PLANTED)}\n  max_steps: 3\nstages: [synth, sft, reward, rl, eval]\n"
     (d / "config.yaml").write_text(config)
-    summary = {"steps": 3, "wall_s": 120.0, "reward/final": 0.625, "kl/final": 0.0125, "timing/synth": 2.0,
-               "timing/sft": 30.0, "timing/rm": 40.0, "timing/rl": 45.0, "timing/eval": 3.0, "timing/gen": 9.5,
-               "eval/win_rate_gold_reward": 0.613, "eval/win_rate_gold_reward_low": 0.571,
-               "eval/win_rate_gold_reward_high": 0.652}
+    summary = {
+        "steps": 3,
+        "wall_s": 120.0,
+        "reward/final": 0.625,
+        "kl/final": 0.0125,
+        "timing/synth": 2.0,
+        "timing/sft": 30.0,
+        "timing/rm": 40.0,
+        "timing/rl": 45.0,
+        "timing/eval": 3.0,
+        "timing/gen": 9.5,
+        "eval/win_rate_gold_reward": 0.613,
+        "eval/win_rate_gold_reward_low": 0.571,
+        "eval/win_rate_gold_reward_high": 0.652,
+    }
     (d / "summary.json").write_text(json.dumps(summary))
-    report = {"policy": "/x/models/policy", "reference": "/x/stages/sft/policy", "prompts": 16,
-              "samples_per_prompt": 4, "confidence": 0.95, "bootstrap_resamples": 1000,
-              "win_rate": {"gold": interval(0.613, 0.571, 0.652)},
-              "policy_means": {"gold": interval(0.77, 0.74, 0.8), "length": interval(12.0, 11.0, 13.0)},
-              "reference_means": {"gold": interval(0.61, 0.58, 0.64), "length": interval(14.0, 13.0, 15.0)},
-              "best_of_n": [{"n": 4, "kl": 0.636, "reward": interval(0.9, 0.85, 0.95)}],
-              "calibration": {"pairs": 64, "members": 1, "accuracy": interval(0.875, 0.8, 0.94), "ece": 0.042}}
+    report = {
+        "policy": "/x/models/policy",
+        "reference": "/x/stages/sft/policy",
+        "prompts": 16,
+        "samples_per_prompt": 4,
+        "confidence": 0.95,
+        "bootstrap_resamples": 1000,
+        "win_rate": {"gold": interval(0.613, 0.571, 0.652)},
+        "policy_means": {"gold": interval(0.77, 0.74, 0.8), "length": interval(12.0, 11.0, 13.0)},
+        "reference_means": {"gold": interval(0.61, 0.58, 0.64), "length": interval(14.0, 13.0, 15.0)},
+        "best_of_n": [{"n": 4, "kl": 0.636, "reward": interval(0.9, 0.85, 0.95)}],
+        "calibration": {"pairs": 64, "members": 1, "accuracy": interval(0.875, 0.8, 0.94), "ece": 0.042},
+    }
     (d / "eval.json").write_text(json.dumps(report))
     tiny_png(d / "plots" / "reward.png")
     tiny_png(d / "stages" / "irl" / "plots" / "disc.png")
@@ -67,8 +84,11 @@ def test_the_report_holds_summary_eval_intervals_timeline_and_config(run_dir):
     assert '0.77 <span class="iv">[0.74, 0.8]</span>' in html and '0.875 <span class="iv">[0.8, 0.94]</span>' in html
     assert "95% bootstrap" in html and "0.042" in html
     # timeline: one bar per stage, in config order, the reward stage's time read from timing/rm
-    bars = re.findall(r"<div><code>(\w+)</code></div><div class=\"track\"><div class=\"bar\" style=\"left:([\d.]+)%;"
-                      r"width:([\d.]+)%\"></div></div><div class=\"num\">([\d.,]+) s", html)
+    bars = re.findall(
+        r"<div><code>(\w+)</code></div><div class=\"track\"><div class=\"bar\" style=\"left:([\d.]+)%;"
+        r"width:([\d.]+)%\"></div></div><div class=\"num\">([\d.,]+) s",
+        html,
+    )
     assert [b[0] for b in bars] == ["synth", "sft", "reward", "rl", "eval"]
     assert [b[3] for b in bars] == ["2.0", "30.0", "40.0", "45.0", "3.0"]
     assert float(bars[2][1]) == pytest.approx(100 * 32 / 120, abs=0.01)  # starts after synth + sft

@@ -145,8 +145,9 @@ def test_loading_new_reward_models_changes_the_scores_in_place(reward_dir, secon
     before = w.score_texts(PROMPTS, RESPONSES)
     w.load_reward_models([second_reward_dir])
     after = w.score_texts(PROMPTS, RESPONSES)
-    torch.testing.assert_close(after.parts["model"], direct_scores(second_reward_dir, concat(PROMPTS, RESPONSES)),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        after.parts["model"], direct_scores(second_reward_dir, concat(PROMPTS, RESPONSES)), atol=1e-5, rtol=0
+    )
     assert not torch.allclose(before.parts["model"], after.parts["model"])
     torch.testing.assert_close(after.parts["function"], before.parts["function"])  # the other sources stay
     with pytest.raises(ValueError, match="reward-model dirs"):

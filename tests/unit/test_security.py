@@ -82,7 +82,8 @@ def test_no_source_unpickles_a_file():
             if (rel, v.split(": ", 1)[1]) not in ALLOWED:
                 bad.append(f"{rel}:{v}")
     assert not bad, "unsafe deserialization (load weights with safetensors or torch.load(weights_only=True)):\n" + (
-        "\n".join(bad))
+        "\n".join(bad)
+    )
 
 
 def test_the_allowed_unpickling_is_still_where_it_is_said_to_be():

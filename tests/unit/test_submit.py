@@ -55,8 +55,14 @@ def test_an_empty_token_path_is_a_user_error(no_ray_env, tmp_path):
 def test_entrypoint_runs_the_config_into_a_job_dir_then_prints_its_summary():
     cmd = entrypoint(Path("configs/tiny_grpo.yaml"), ["stages=[synth, rl]", "run.name=a b"], "/shared/runs/job 1")
     run, summary = cmd.split(" && echo 'summary.json:' && ")
-    assert shlex.split(run) == ["raylign", "run", "configs/tiny_grpo.yaml", "stages=[synth, rl]", "run.name=a b",
-                                "run.output_dir=/shared/runs/job 1"]  # the job dir override comes last, so it wins
+    assert shlex.split(run) == [
+        "raylign",
+        "run",
+        "configs/tiny_grpo.yaml",
+        "stages=[synth, rl]",
+        "run.name=a b",
+        "run.output_dir=/shared/runs/job 1",
+    ]  # the job dir override comes last, so it wins
     assert summary == "cat '/shared/runs/job 1'/*/summary.json"
 
 
@@ -87,5 +93,7 @@ def test_submission_ids_are_unique_and_path_safe():
 
 def test_a_resumed_job_continues_the_run_dir_and_prints_its_summary():
     cmd = entrypoint(Path("configs/tiny_grpo.yaml"), [], "/shared/runs/x-1", resume="/shared/runs/x-1")
-    assert cmd == ("raylign run configs/tiny_grpo.yaml --resume /shared/runs/x-1 && echo 'summary.json:' && "
-                   "cat /shared/runs/x-1/summary.json")
+    assert cmd == (
+        "raylign run configs/tiny_grpo.yaml --resume /shared/runs/x-1 && echo 'summary.json:' && "
+        "cat /shared/runs/x-1/summary.json"
+    )

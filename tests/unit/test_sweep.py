@@ -39,12 +39,16 @@ def sweep_cfg(space: str, *more: str):
 def test_search_space_becomes_tune_space():
     from ray.tune.search.sample import Categorical, Float
 
-    cfg = sweep_cfg("{algo.kl.coef: {grid: [0.1, 1]}, learner.lr: {loguniform: [1e-5, 1e-3]}, "
-                    "rollout.temperature: {choice: [0.7, 1.0]}}")
+    cfg = sweep_cfg(
+        "{algo.kl.coef: {grid: [0.1, 1]}, learner.lr: {loguniform: [1e-5, 1e-3]}, "
+        "rollout.temperature: {choice: [0.7, 1.0]}}"
+    )
     space = tune_space(cfg.sweep.space)
     assert space[KL] == {"grid_search": [0.1, 1]}
     assert isinstance(space["learner.lr"], Float) and (space["learner.lr"].lower, space["learner.lr"].upper) == (
-        1e-5, 1e-3)
+        1e-5,
+        1e-3,
+    )
     assert isinstance(space["learner.lr"].get_sampler(), Float._LogUniform)
     assert isinstance(space["rollout.temperature"], Categorical)
     assert space["rollout.temperature"].categories == [0.7, 1.0]
@@ -137,11 +141,23 @@ def test_trial_status():
 
 def rows():
     finals = [(0.01, 0.80, 0.78, 3.0), (0.1, 0.75, 0.74, 1.0), (1.0, 0.70, 0.71, 0.2), (10.0, 0.65, 0.66, 0.05)]
-    out = [result_row(f"t{i}", {KL: c}, "TERMINATED", {"final": True, "step": 20, "reward/final": r,
-                                                        "gold_reward/final": g, "kl/final": k})
-           for i, (c, r, g, k) in enumerate(finals)]
-    out.append(result_row("t4", {KL: 0.5}, "TERMINATED", {"final": False, "step": 4, "reward/final": 0.9,
-                                                          "gold_reward/final": 0.95, "kl/final": 0.5}))
+    out = [
+        result_row(
+            f"t{i}",
+            {KL: c},
+            "TERMINATED",
+            {"final": True, "step": 20, "reward/final": r, "gold_reward/final": g, "kl/final": k},
+        )
+        for i, (c, r, g, k) in enumerate(finals)
+    ]
+    out.append(
+        result_row(
+            "t4",
+            {KL: 0.5},
+            "TERMINATED",
+            {"final": False, "step": 4, "reward/final": 0.9, "gold_reward/final": 0.95, "kl/final": 0.5},
+        )
+    )
     return out
 
 
@@ -201,8 +217,13 @@ def test_restore_checkpoint_takes_tunes_copy_and_truncates_metrics(tmp_path):
     root = run_dir / "stages" / "rl" / "checkpoints"
     # the run dir got further (step 4) than Tune's copy (step 2), e.g. it was cut off before reporting step 4
     for step in (2, 4):
-        checkpoint.save(root, step, {"epoch": 0}, lambda d: (d / "learner").mkdir() or (d / "learner/w.pt")
-                        .write_bytes(b"w" * 10), keep=5)
+        checkpoint.save(
+            root,
+            step,
+            {"epoch": 0},
+            lambda d: (d / "learner").mkdir() or (d / "learner/w.pt").write_bytes(b"w" * 10),
+            keep=5,
+        )
     tune_copy = tmp_path / "tune_copy"
     import shutil
 

@@ -73,8 +73,9 @@ def test_best_of_n_equals_the_mean_over_all_subsets():
     proxy, gold = torch.rand(3, 7, generator=gen), torch.rand(3, 7, generator=gen)
     for n in range(1, 8):
         for p in range(3):
-            picks = [gold[p, max(s, key=lambda i: proxy[p, i].item())].item()
-                     for s in itertools.combinations(range(7), n)]
+            picks = [
+                gold[p, max(s, key=lambda i: proxy[p, i].item())].item() for s in itertools.combinations(range(7), n)
+            ]
             assert best_of_n(proxy, gold, n)[p].item() == pytest.approx(sum(picks) / len(picks), rel=1e-9)
 
 
