@@ -40,6 +40,15 @@ def offline_max_tokens() -> Any:
     )
 
 
+def offline_packing() -> Any:
+    """`packing` of an offline stage: the stage's own choice of layout, else learner.packing's."""
+    return Field(
+        None,
+        description="Padding-free (packed) forwards in this stage's training; null: as learner.packing. A packed "
+        "update equals the padded one up to float rounding, so a stage may keep the padded numbers it was tuned on.",
+    )
+
+
 def offline_max_failures() -> Any:
     return Field(
         1, ge=-1, description="Ray Train worker failures to recover from (last epoch checkpoint); -1: unlimited."
@@ -54,6 +63,7 @@ class SftConfig(Section):
     epochs: int = offline_epochs(4, over="the training demonstrations")
     batch_size: int = offline_batch_size(rows="Demonstrations")
     max_tokens_per_micro_batch: int | None = offline_max_tokens()
+    packing: bool | None = offline_packing()
     max_failures: int = offline_max_failures()
     eval_samples: int = Field(4, ge=1, description="Responses sampled per held-out prompt for sft/gold_reward.")
 
@@ -71,6 +81,7 @@ class RewardTrainConfig(Section):
     epochs: int = offline_epochs(2, over="the training preference pairs, per ensemble member")
     batch_size: int = offline_batch_size(rows="Preference pairs")
     max_tokens_per_micro_batch: int | None = offline_max_tokens()
+    packing: bool | None = offline_packing()
     bootstrap: bool = Field(
         False, description="Train each ensemble member on a bootstrap resample (Poisson(1) copies of each pair)."
     )
@@ -105,6 +116,7 @@ class DpoConfig(Section):
     epochs: int = offline_epochs(1, over="the training preference pairs")
     batch_size: int = offline_batch_size(rows="Preference pairs")
     max_tokens_per_micro_batch: int | None = offline_max_tokens()
+    packing: bool | None = offline_packing()
     max_failures: int = offline_max_failures()
     eval_samples: int = Field(4, ge=1, description="Sample pairs per held-out prompt for dpo/gold_win_rate.")
     pairs: Literal["data", "policy"] = Field(
@@ -191,4 +203,5 @@ class IrlConfig(Section):
     epochs: int = offline_epochs(1, over="one round's (demonstration, policy sample) pairs")
     batch_size: int = offline_batch_size(rows="(demonstration, sample) pairs")
     max_tokens_per_micro_batch: int | None = offline_max_tokens()
+    packing: bool | None = offline_packing()
     max_failures: int = offline_max_failures()

@@ -40,6 +40,7 @@ def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_
                 "lr": section.lr,
                 "epochs": section.epochs,
                 "max_tokens_per_micro_batch": section.max_tokens_per_micro_batch,
+                "packing": ctx.cfg.learner.packing if section.packing is None else section.packing,
             }
         ),
         init_dir=str(init_dir),
