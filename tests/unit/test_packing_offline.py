@@ -37,6 +37,7 @@ from pipeline.algo import bt_loss
 from pipeline.config import DpoConfig, LearnerConfig
 from pipeline.tasks.tiny_models import build_causal_lm
 from pipeline.types import pad_left, pad_right
+from tests.unit.test_packing import assert_same_grads, grads
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 CPU = torch.device("cpu")
@@ -81,18 +82,6 @@ def sequence_batch_of(n: int, *, vocab: int, seed: int) -> SequenceBatch:
 def engine_of(model: torch.nn.Module, **cfg) -> TorchEngine:
     """adam_eps = 1 keeps Adam's first step linear in the gradient, so a micro-batch weighted wrongly would show."""
     return TorchEngine(LearnerConfig(backend="torch", lr=1e-2, adam_eps=1.0, grad_clip=1e6, **cfg), model, 0, 1)
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def assert_same_grads(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def one_loss(goal, batch) -> tuple[torch.Tensor, dict]:
