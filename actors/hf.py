@@ -49,3 +49,15 @@ def load_frozen_model(auto_class: Any, model_dir: Path) -> PreTrainedModel:
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id that pads prompts and responses: the tokenizer's pad token, else EOS (many HF models have none)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def write_adapter(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A peft adapter dir (adapter_config.json, adapter_model.safetensors) from the learner's
+    adapter (actors/training/lora.py): what `PeftModel.from_pretrained` and vLLM's LoRARequest load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,13 @@ import ray
 import torch
 
 from actors.sequences import LAYOUTS, Layout, balanced_shards, choose_layout, lengths_of, token_metrics
-from actors.training.engine import Dist, TrainEngine, save_hf, start_engine
+from actors.training.engine import Dist, TrainEngine, adapter_update, save_hf, start_engine
+from actors.training.lora import adapter_config, add_adapters, is_lora
 from actors.training.update import accumulate_update, collective_forwards, mean_metrics, micro_batch_plan
 from pipeline.algo import kl_loss, masked_mean, ppo_policy_loss, truncated_is_weights
 from pipeline.batches import Batch, concat_batches, take, to_device
-from pipeline.config import AlgoConfig, LearnerConfig
-from pipeline.types import ExperienceItem, StepShard, TrainBatch
+from pipeline.config import AlgoConfig, LearnerConfig, LoraConfig
+from pipeline.types import ExperienceItem, Rollouts, StepShard, TrainBatch
 
 Tensor = torch.Tensor
 
@@ -44,11 +46,16 @@ class PolicyLearner:
         master_addr: str = "127.0.0.1",
         master_port: int = 29500,
         seed: int = 0,
+        lora: LoraConfig | None = None,
     ):
         self.cfg, self.algo, self.model_dir, self.seed = learner_cfg, algo_cfg, Path(model_dir), seed
         self.dist = Dist(rank, world_size, master_addr, master_port)
+        self.lora = lora if lora is not None and lora.rank > 0 else None
         self._engine: TrainEngine | None = None
         self.layout: Layout = LAYOUTS["padded"]
+        # With LoRA the actor also serves reference logprobs (`logprobs`, adapters off) to the experience stream
+        # while another of its calls waits on that stream (`take_step`): one model, used by one call at a time.
+        self._model_lock = threading.Lock()
 
     @property
     def engine(self) -> TrainEngine:
@@ -62,7 +69,11 @@ class PolicyLearner:
         from transformers import AutoModelForCausalLM
 
         start = time.perf_counter()
-        load = lambda: AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)  # noqa: E731
+
+        def load():
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+            return add_adapters(model, self.lora) if self.lora is not None else model
+
         groups = 2 if self.algo.name == "ppo" else 1  # PPO's critic trains beside the policy
         self._engine = start_engine(self.cfg, self.dist, self.seed, load, groups=groups)
         self.layout = choose_layout(
@@ -81,15 +92,31 @@ class PolicyLearner:
         batch: anything with prompt_ids, prompt_mask, response_ids, response_mask (TrainBatch, Rollouts)."""
         out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
         sync = collective_forwards(self.cfg, self.dist.world_size)
-        with torch.no_grad():
+        with self._model_lock, torch.no_grad():
             for idx in self._plan(batch, sync=sync):
                 out[idx] = self._logprobs(to_device(take(batch, idx), self.engine.device)).cpu()
+        return out
+
+    def logprobs(self, rollouts: Rollouts) -> Tensor:
+        """The reference role of a LoRA run: per-token logprobs of the responses under the base model (adapters
+        off, so the initial policy): [B, T] float32. Same call as ReferenceWorker.logprobs; ZeRO 0-2 only, where a
+        rank's forward needs no other rank."""
+        if not is_lora(self.engine.module):
+            raise RuntimeError("reference logprobs from a learner need lora.rank > 0 (the base model is the reference)")
+        out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)
+        with self._model_lock, torch.no_grad(), self.engine.module.disable_adapter():
+            for idx in self._plan(rollouts, sync=False):
+                out[idx] = self._logprobs(to_device(take(rollouts, idx), self.engine.device)).cpu()
         return out
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """`epochs` clipped-surrogate updates on this rank's TrainBatch shard. -> metrics averaged over
         micro-batches, plus `mismatch/*` (learner vs rollout logprobs before the first update) and `tokens/*`
         (this rank's real tokens and the tokens its forward passes computed: counts, summed over ranks)."""
+        with self._model_lock:
+            return self._train_step(batch)
+
+    def _train_step(self, batch: TrainBatch) -> dict[str, float]:
         start, lr = time.perf_counter(), self.engine.lr
         batch = to_device(batch, self.engine.device)
         plan = self._plan(batch, sync=True)  # the same micro-batches in every epoch
@@ -196,9 +223,18 @@ class PolicyLearner:
         return []. Every rank must call it."""
         return self.engine.full_weights(keep=self.dist.rank == 0)
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """Rank 0 writes an HF model dir with the tokenizer (every rank must call it, for ZeRO-3)."""
-        save_hf(self.engine, self.dist.rank, self.model_dir, Path(out_dir))
+    def gather_adapter(self) -> tuple[dict, list[tuple[str, Tensor]]]:
+        """LoRA: (the adapter's peft config, its tensors) on rank 0, the data-parallel ranks hold the same; ({}, [])
+        elsewhere. What weight sync sends to engines that serve adapters."""
+        if self.dist.rank != 0:
+            return {}, []
+        return adapter_config(self.engine.module), adapter_update(self.engine)
+
+    def save_pretrained(self, out_dir: str | Path, adapter_dir: str | Path | None = None) -> None:
+        """Rank 0 writes an HF model dir with the tokenizer (merged, with LoRA; the adapter alone to `adapter_dir`).
+        Every rank must call it, for ZeRO-3."""
+        adapter = Path(adapter_dir) if adapter_dir is not None else None
+        save_hf(self.engine, self.dist.rank, self.model_dir, Path(out_dir), adapter)
 
     def save_checkpoint(self, ckpt_dir: str | Path) -> None:
         """Engine checkpoint (weights, optimizer, LR schedule, step); every rank writes its part."""
@@ -224,7 +260,9 @@ class LearnerGroup:
     """N learner ranks as Ray actors in one process group: spawn, set up, fan out shards, gather weights.
 
     learner_cls: PolicyLearner or ValueLearner. placement_group: bundles first_bundle..first_bundle+N-1 hold the
-    ranks (from the cluster plan); without one, rank 0 is pinned to the node whose free port it listens on."""
+    ranks (from the cluster plan); without one, rank 0 is pinned to the node whose free port it listens on.
+    lora (rank > 0): the ranks train adapters and also serve reference logprobs (their base model) to the
+    experience stream, so each actor takes two calls at a time (one waits on the stream)."""
 
     def __init__(
         self,
@@ -238,6 +276,7 @@ class LearnerGroup:
         first_bundle: int = 0,
         num_cpus: float = 1,
         num_gpus: float = 0,
+        lora: LoraConfig | None = None,
     ):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -252,7 +291,12 @@ class LearnerGroup:
             strategies[0] = NodeAffinitySchedulingStrategy(node_id, soft=False)
         actor_cls = ray.remote(learner_cls)
         self.actors = [
-            actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=strategies[r]).remote(
+            actor_cls.options(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                scheduling_strategy=strategies[r],
+                max_concurrency=2 if lora is not None and lora.rank > 0 else 1,
+            ).remote(
                 learner_cfg,
                 algo_cfg,
                 str(model_dir),
@@ -261,6 +305,7 @@ class LearnerGroup:
                 master_addr=addr,
                 master_port=port,
                 seed=seed,
+                **({"lora": lora} if lora is not None else {}),
             )
             for r in range(n)
         ]
@@ -311,8 +356,13 @@ class LearnerGroup:
         """Full HF-named weights from rank 0 (every rank joins the ZeRO-3 gather)."""
         return ray.get([a.gather_weights.remote() for a in self.actors])[0]
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        ray.get([a.save_pretrained.remote(str(out_dir)) for a in self.actors])
+    def gather_adapter(self) -> tuple[dict, list[tuple[str, Tensor]]]:
+        """LoRA: (peft config, adapter tensors) from rank 0."""
+        return ray.get(self.actors[0].gather_adapter.remote())
+
+    def save_pretrained(self, out_dir: str | Path, adapter_dir: str | Path | None = None) -> None:
+        adapter = None if adapter_dir is None else str(adapter_dir)
+        ray.get([a.save_pretrained.remote(str(out_dir), adapter) for a in self.actors])
 
     def save_checkpoint(self, ckpt_dir: str | Path) -> None:
         ray.get([a.save_checkpoint.remote(str(ckpt_dir)) for a in self.actors])

@@ -14,6 +14,8 @@ temperature. At temperature 1 and top_p 1 they are also the logprobs of the dist
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from actors.hf import load_frozen_model, pad_token_id
+from actors.hf import load_frozen_model, pad_token_id, write_adapter
 from pipeline.algo import token_logprobs
 from pipeline.config import RolloutConfig
 from pipeline.types import PromptBatch, Rollouts, WeightUpdate, pad_left, pad_right
@@ -42,7 +44,9 @@ class Sample:
 
 
 class Engine(Protocol):
-    def __init__(self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int): ...
+    def __init__(
+        self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int, lora_rank: int = 0
+    ): ...
 
     def sample(self, prompts: list[str], n: int, seed: int | None = None) -> list[Sample]:
         """len(prompts) * n samples, the n samples of one prompt consecutive, in prompt order."""
@@ -98,9 +102,12 @@ def repack_tied_layers(model: torch.nn.Module) -> list[str]:
 
 class VLLMEngine:
     """vLLM's offline `LLM`, run in-process. CPU: fp32, one worker. GPU: bf16, tensor parallel over the GPUs
-    of the actor's placement bundle, and an NCCL weight-transfer engine for weight sync."""
+    of the actor's placement bundle, and an NCCL weight-transfer engine for weight sync. With `lora_rank` > 0 it
+    serves the base model of model_dir plus the newest LoRA adapter the learner sent (`load_adapter`)."""
 
-    def __init__(self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int):
+    def __init__(
+        self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int, lora_rank: int = 0
+    ):
         # The in-process engine core starts ~3x faster than vLLM's default engine process on CPU, and
         # `collective_rpc` hands our weight tensors to the worker as tensors. vLLM reads this at engine start.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -110,6 +117,8 @@ class VLLMEngine:
         if not on_gpu and cfg.tensor_parallel_size != 1:
             raise ValueError(f"rollout.tensor_parallel_size={cfg.tensor_parallel_size}: vLLM on CPU needs 1")
         self.cfg = cfg
+        self.lora_request: Any = None  # vLLM's LoRARequest of the adapter in use; None: the base weights
+        self._adapters = Path(tempfile.mkdtemp(prefix="raylign-adapters-")) if lora_rank else None
         self.llm = LLM(
             model=str(model_dir),
             seed=seed,
@@ -119,6 +128,7 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             worker_extension_cls=f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}",
             **(_gpu_engine_args(cfg) if on_gpu else _cpu_engine_args(cfg)),
+            **_lora_engine_args(lora_rank),
         )
 
     def sample(self, prompts: list[str], n: int, seed: int | None = None) -> list[Sample]:
@@ -142,7 +152,7 @@ class VLLMEngine:
             for i in range(len(prompts))
         ]
         samples = []
-        for out in self.llm.generate(prompts, params, use_tqdm=False):
+        for out in self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request):
             for c in out.outputs:
                 logprobs = [step[token].logprob for step, token in zip(c.logprobs, c.token_ids, strict=True)]
                 reason = _finish_reason(c.finish_reason)
@@ -152,6 +162,22 @@ class VLLMEngine:
     def load_weights(self, named_tensors: dict[str, Tensor]) -> None:
         self.llm.collective_rpc("reload_hf_weights", args=(list(named_tensors.items()),))
         self.reset_prefix_cache()
+
+    def load_adapter(self, version: int, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        """Serve weight version `version` as a new LoRA adapter on the base weights: written as a peft dir that vLLM
+        loads on the next generate (one adapter slot: the previous one is evicted). Its id is the version, so the
+        prefix cache never mixes two adapters' KV blocks."""
+        from vllm.lora.request import LoRARequest
+
+        if self._adapters is None:
+            raise RuntimeError("this engine was started without LoRA (lora.rank 0); it takes full weights only")
+        path = self._adapters / f"v{version}"
+        write_adapter(path, config, tensors)
+        old = self.lora_request
+        self.lora_request = LoRARequest(f"policy-v{version}", version, str(path))
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def reset_prefix_cache(self) -> None:
         # Prefix caching is on (also on CPU): without this, prompts seen before the update would reuse KV blocks
@@ -166,6 +192,16 @@ def _cpu_engine_args(cfg: RolloutConfig) -> dict:
         # A KV-cache share of RAM (`gpu_memory_utilization`) fails on CPU with vLLM's default 0.92; give bytes.
         "kv_cache_memory_bytes": cfg.kv_cache_memory_bytes,
     }
+
+
+def _lora_engine_args(rank: int) -> dict:
+    """vLLM's LoRA settings for adapters of rank `rank` (0: LoRA off): one adapter at a time, the newest."""
+    if not rank:
+        return {}
+    slots = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM takes
+    if rank > slots[-1]:
+        raise ValueError(f"lora.rank={rank}: vLLM serves adapters up to rank {slots[-1]}")
+    return {"enable_lora": True, "max_lora_rank": next(s for s in slots if s >= rank), "max_loras": 1}
 
 
 def _gpu_engine_args(cfg: RolloutConfig) -> dict:
@@ -190,7 +226,10 @@ class HFEngine:
     """transformers `generate` with sampling: the fallback backend, and the reference the vLLM one is checked
     against. Weight updates are `load_state_dict` of the named tensors."""
 
-    def __init__(self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int):
+    def __init__(
+        self, cfg: RolloutConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, *, seed: int, lora_rank: int = 0
+    ):
+        # lora_rank is not used: LoRA runs sync merged weights to this engine (pipeline/rl_roles.py says so).
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.model = load_frozen_model(AutoModelForCausalLM, model_dir)
@@ -248,8 +287,9 @@ class RolloutWorker:
     (`ray.remote(num_cpus=...)(RolloutWorker)`). Calls are serial in an actor, so `generate` never overlaps a
     weight load and each batch comes from exactly one weight version."""
 
-    def __init__(self, cfg: RolloutConfig, model_dir: Path, *, seed: int, board: Any = None):
+    def __init__(self, cfg: RolloutConfig, model_dir: Path, *, seed: int, board: Any = None, lora_rank: int = 0):
         self.cfg = cfg
+        self.lora_rank = lora_rank  # > 0: the vLLM engine serves LoRA adapters on model_dir's weights
         self.model_dir = Path(model_dir)
         self.seed = seed
         self.board = board  # a WeightBoard actor: sign in, and catch up on weights after a restart
@@ -263,7 +303,9 @@ class RolloutWorker:
         engine holds model_dir's weights, so it loads the newest update from the board first."""
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._tokenizer, self._pad_id = tokenizer, pad_token_id(tokenizer)
-        self._engine = ENGINES[self.cfg.engine](self.cfg, self.model_dir, tokenizer, seed=self.seed)
+        self._engine = ENGINES[self.cfg.engine](
+            self.cfg, self.model_dir, tokenizer, seed=self.seed, lora_rank=self.lora_rank
+        )
         if self.board is not None:
             ray.get(self.board.sign_in.remote())
             latest = ray.get(self.board.latest.remote())
@@ -297,7 +339,14 @@ class RolloutWorker:
         if update.version < self._version:
             # In async mode a late update must not roll the weights back behind a newer one.
             raise ValueError(f"weight update version {update.version} is older than the loaded {self._version}")
-        engine.load_weights(update.named_tensors)
+        if update.adapter is not None:
+            if not isinstance(engine, VLLMEngine):
+                raise TypeError(
+                    f"a LoRA adapter update needs rollout.engine=vllm (this worker runs {self.cfg.engine!r})"
+                )
+            engine.load_adapter(update.version, update.adapter, update.named_tensors)
+        else:
+            engine.load_weights(update.named_tensors)
         self._version = update.version
 
     def _started(self) -> tuple[Engine, PreTrainedTokenizerBase, int]:

@@ -52,25 +52,28 @@ def broadcast_weights(
     version: int,
     rollout_actors: Sequence[Any],
     board: Any = None,
+    adapter: dict[str, Any] | None = None,
 ) -> float:
     """Load `named_tensors` (HF names; a dict or the (name, tensor) pairs `gather_weights` returns) as weight
     version `version` into every rollout actor (`RolloutWorker` Ray actor handles); returns the seconds spent.
     Blocks until every actor has the new weights. `board` (a WeightBoard actor) gets the update first, for
-    workers restarted later (CPU path only)."""
+    workers restarted later (CPU path only). `adapter`: a LoRA adapter's peft config, when the tensors are that
+    adapter's (peft names) for engines serving it on their base weights; small, so always through the object store."""
     start = time.perf_counter()
     named_tensors = dict(named_tensors)
     on_gpu = any(t.is_cuda for t in named_tensors.values())
-    if on_gpu:
+    if on_gpu and adapter is None:
         _broadcast_nccl(named_tensors, version, rollout_actors)
     else:
-        _broadcast_object_store(named_tensors, version, rollout_actors, board)
+        _broadcast_object_store(named_tensors, version, rollout_actors, board, adapter)
     return time.perf_counter() - start
 
 
 def _broadcast_object_store(
-    named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any], board: Any
+    named_tensors: dict[str, Tensor], version: int, rollout_actors: Sequence[Any], board: Any, adapter: dict | None
 ) -> None:
-    update = WeightUpdate(version, {name: t.detach().cpu().contiguous() for name, t in named_tensors.items()})
+    tensors = {name: t.detach().cpu().contiguous() for name, t in named_tensors.items()}
+    update = WeightUpdate(version, tensors, adapter)
     ref = ray.put(update)  # one copy in the object store, read by every actor
     if board is not None:
         ray.get(board.publish.remote([ref]))

@@ -98,8 +98,9 @@ class ResourcePlan:
         return "\n".join(lines)
 
 
-def plan(cfg: Any, *, device: str = "cpu") -> ResourcePlan:
-    """Config (pipeline.config.Config) -> resource plan for `device` "cpu" or "gpu"."""
+def plan(cfg: Any, *, device: str = "cpu", reference_actors: bool = True) -> ResourcePlan:
+    """Config (pipeline.config.Config) -> resource plan for `device` "cpu" or "gpu". reference_actors=False: the
+    RL stage of a LoRA run, where the learners serve the reference (their base model), leaves the role out."""
     gpu = device == "gpu"
     counts = {
         "rollout": cfg.rollout.num_workers,
@@ -107,6 +108,8 @@ def plan(cfg: Any, *, device: str = "cpu") -> ResourcePlan:
         "reference": cfg.reference.num_workers,
         "learner": cfg.learner.num_workers,
     }
+    if not reference_actors:
+        del counts["reference"]
     if cfg.algo.name == "ppo":
         counts["critic"] = cfg.learner.num_workers
     gpus = {role: float(cfg.rollout.tensor_parallel_size if role == "rollout" else 1) for role in counts}

@@ -263,9 +263,9 @@ def _attempt(cfg: Config, ctx: StageContext, stop, restarts: list[int]) -> Itera
             timer.charge_split(stage_seconds(trained.intervals, timer.mark, ready), until=ready)
             timer.charge("train")
             # step 3. the new weights to every rollout engine
-            timer.call("sync", roles.sync, step)
+            synced = timer.call("sync", roles.sync, step)
             # step 4. KL controller and the step's metrics
-            metrics = {**trained.metrics, "kl/coef": kl_ctl.coef}
+            metrics = {**trained.metrics, "kl/coef": kl_ctl.coef, "sync/bytes": float(synced)}
             bad = sorted(k.removeprefix("bad/") for k in metrics if k.startswith("bad/") and k != "bad/skipped")
             bad_in_a_row = bad_in_a_row + 1 if bad else 0
             if not bad:

@@ -17,6 +17,7 @@ from actors.learner import LearnerGroup, PolicyLearner
 from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
+from actors.training.lora import ADAPTER_SUFFIX
 from actors.training.update import mean_metrics
 from actors.weight_sync import WeightBoard, broadcast_weights
 from cluster.plan import plan, release, reserve, resolve_device, spawn
@@ -101,7 +102,7 @@ class Roles:
         self.log = ctx.log
         self.gold_reward = ctx.gold_reward()
         self.policy_dir = ctx.policy_dir()
-        self.resource_plan = plan(cfg, device=resolve_device(cfg))
+        self.resource_plan = plan(cfg, device=resolve_device(cfg), reference_actors=not cfg.base_reference)
         ctx.log(self.resource_plan.describe())
         self.groups = reserve(self.resource_plan, timeout_s=cfg.placement.timeout_s)
         roles, policy = self.resource_plan.roles, self.policy_dir
@@ -110,12 +111,18 @@ class Roles:
         # sign in with the board, and a restarted rollout worker takes the current weights from it.
         self.board = ray.remote(num_cpus=0)(WeightBoard).remote()
         restarts = {"restarts": cfg.run.max_restarts}
+        # LoRA: vLLM engines serve the base weights plus the adapter each sync sends; the HF engine takes merged
+        # weights.
+        self.lora = cfg.lora_for("rl")
+        self.adapter_sync = self.lora is not None and cfg.rollout.engine == "vllm"
+        if self.lora is not None and not self.adapter_sync:
+            ctx.log("rl: lora: rollout.engine=hf cannot serve adapters; weight sync sends the merged weights")
         self.rollouts = spawn(
             RolloutWorker,
             roles["rollout"],
             self.groups,
             [(cfg.rollout, policy)] * roles["rollout"].count,
-            {"seed": cfg.run.seed, "board": self.board},
+            {"seed": cfg.run.seed, "board": self.board, "lora_rank": cfg.lora.rank if self.adapter_sync else 0},
             **restarts,
         )
         self.rewards = spawn(
@@ -126,15 +133,22 @@ class Roles:
             {"board": self.board},
             **restarts,
         )
-        self.references = spawn(
-            ReferenceWorker,
-            roles["reference"],
-            self.groups,
-            [(reference_settings(cfg), reference)] * roles["reference"].count,
-            {"board": self.board},
-            **restarts,
-        )
+        self.references = []
+        if not cfg.base_reference:
+            self.references = spawn(
+                ReferenceWorker,
+                roles["reference"],
+                self.groups,
+                [(reference_settings(cfg), reference)] * roles["reference"].count,
+                {"board": self.board},
+                **restarts,
+            )
         self.learners = self._learner_group(PolicyLearner, "learner")
+        if cfg.base_reference:
+            ctx.log(
+                "rl: reference: the policy learners' base model with the LoRA adapters off (no separate reference "
+                "model in memory; reference.model names one)"
+            )
         self.critic = self._learner_group(ValueLearner, "critic") if "critic" in roles else None
         self.stream: ExperienceStream | None = None
         self.chunks = 0  # chunks of the step fed last
@@ -151,6 +165,7 @@ class Roles:
             seed=self.cfg.run.seed,
             placement_group=self.groups[rp.group],
             **rp.actor_resources(0),
+            lora=self.lora if cls is PolicyLearner else None,  # PPO's critic trains in full
         )
 
     @classmethod
@@ -171,7 +186,7 @@ class Roles:
         self.stream = ExperienceStream(
             rollouts=self.rollouts,
             rewards=self.rewards,
-            references=self.references,
+            references=self.learners.actors if self.cfg.base_reference else self.references,
             critics=critics,
             algo=self.cfg.algo,
             gold_reward=self.gold_reward,
@@ -209,8 +224,14 @@ class Roles:
         """Rollout, reward and reference actors Ray restarted in this attempt (counted when they set up again)."""
         return ray.get(self.board.sign_ins.remote()) - self.workers
 
-    def sync(self, version: int) -> float:
-        return broadcast_weights(self.learners.gather_weights(), version, self.rollouts, board=self.board)
+    def sync(self, version: int) -> int:
+        """The learners' weights of `version` to every rollout engine: the adapter alone when the engines serve
+        LoRA adapters, else the full (with LoRA: merged) weights. -> the bytes sent."""
+        adapter, tensors = (
+            self.learners.gather_adapter() if self.adapter_sync else (None, self.learners.gather_weights())
+        )
+        broadcast_weights(tensors, version, self.rollouts, board=self.board, adapter=adapter)
+        return sum(t.numel() * t.element_size() for _, t in tensors)
 
     def evaluate(self, prompts: list[str], *, seed: int) -> dict[str, float]:
         """Sample the held-out prompts (G each, seeded) with the current policy; reward and gold reward means."""
@@ -246,8 +267,12 @@ class Roles:
         self.sync(version)
 
     def save_policy(self, out_dir: Path) -> None:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        self.learners.save_pretrained(out_dir)
+        """The policy as an HF dir; with LoRA merged, and its adapter beside it (<out_dir>-adapter)."""
+        adapter = out_dir.with_name(out_dir.name + ADAPTER_SUFFIX) if self.lora is not None else None
+        for d in (out_dir, adapter):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+        self.learners.save_pretrained(out_dir, adapter)
 
     def shutdown(self) -> None:
         if self.stream is not None:

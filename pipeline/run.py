@@ -194,13 +194,18 @@ def _run_stages(cfg: Config, run_dir: Path, log, stop: StopRequest) -> Path:
 
 
 def export_models(run_dir: Path, artifacts: Artifacts) -> None:
-    """models/policy and models/reward: HF dirs of the final policy and reward model (members as reward-k)."""
+    """models/policy and models/reward: HF dirs of the final policy and reward model (members as reward-k); with
+    LoRA, models/policy-adapter and models/reward-adapter too."""
+    from actors.training.lora import ADAPTER_SUFFIX
+
     models = run_dir / "models"
     targets = []
     if artifacts.policy:
         targets.append((Path(artifacts.policy), models / "policy"))
     for k, path in enumerate(artifacts.reward):
         targets.append((Path(path), models / ("reward" if k == 0 else f"reward-{k}")))
+    adapter = lambda d: d.with_name(d.name + ADAPTER_SUFFIX)  # noqa: E731  (LoRA: the adapter beside the model)
+    targets += [(adapter(source), adapter(target)) for source, target in targets if adapter(source).is_dir()]
     for source, target in targets:
         if source.resolve() != target.resolve():
             shutil.rmtree(target, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -147,3 +148,6 @@ class WeightUpdate:
 
     version: int  # version of the learner's policy after the optimizer step that produced these weights
     named_tensors: dict[str, Tensor]  # HF parameter name -> tensor, e.g. "model.layers.0.self_attn.q_proj.weight"
+    # LoRA: the adapter's peft config; then named_tensors are the adapter's tensors in peft's saved names, which
+    # the engine serves on top of its base weights. None: named_tensors are model weights.
+    adapter: dict[str, Any] | None = None

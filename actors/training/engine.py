@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 
 from actors.hf import set_cpu_threads
+from actors.training.lora import adapter_weights, is_lora, merged_weights
 from pipeline.config import LearnerConfig
 
 if TYPE_CHECKING:
@@ -109,12 +110,13 @@ class DeepSpeedEngine:
         config = deepspeed_config(cfg, bf16=bf16, grad_clip=0.0 if self._own_clip else cfg.grad_clip)
         self.ds, optimizer, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=model.parameters(),
+            model_parameters=trainable(model),
             config=config,
             lr_scheduler=lambda opt: warmup_schedule(opt, cfg.warmup_steps),
         )
         self.model, self.module, self.device = self.ds, self.ds.module, self.ds.device
         self._zero3 = cfg.zero_stage == 3
+        self._lora = is_lora(model)  # config checks keep LoRA off ZeRO-3
         self._norm = float("nan")
         if self._own_clip:
             optimizer.register_step_pre_hook(self._clip)
@@ -146,6 +148,8 @@ class DeepSpeedEngine:
 
         if not keep and not self._zero3:
             return []
+        if self._lora:
+            return merged_weights(self.module) if keep else []
         out = []
         # One parameter at a time: never more than one full tensor gathered beyond the shards.
         for name, p in self.module.named_parameters():
@@ -155,7 +159,8 @@ class DeepSpeedEngine:
         return out
 
     def save_checkpoint(self, path: Path) -> None:
-        self.ds.save_checkpoint(str(path))
+        # With LoRA the frozen base is the init model's: the checkpoint holds the adapters (and head) only.
+        self.ds.save_checkpoint(str(path), exclude_frozen_parameters=self._lora)
 
     def load_checkpoint(self, path: Path) -> None:
         # DeepSpeed's loader unpickles (torch.load(weights_only=False)): a checkpoint dir handed to --resume could
@@ -163,7 +168,7 @@ class DeepSpeedEngine:
         engine = self.ds.checkpoint_engine
         engine.load = weights_only_load
         try:
-            loaded, _ = self.ds.load_checkpoint(str(path))
+            loaded, _ = self.ds.load_checkpoint(str(path), load_module_strict=not self._lora)
         finally:
             del engine.load  # back to the class's method
         if loaded is None:
@@ -189,7 +194,7 @@ class TorchEngine:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = self.module = model.to(self.device)
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+            trainable(model), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
         self.scheduler = warmup_schedule(self.optimizer, cfg.warmup_steps)
         self.steps = 0
@@ -201,7 +206,7 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> float:
-        params = list(self.module.parameters())
+        params = trainable(self.module)
         for p in params:
             if p.grad is None:  # every rank must all-reduce the same tensors
                 p.grad = torch.zeros_like(p)
@@ -221,17 +226,29 @@ class TorchEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def full_weights(self, keep: bool) -> list[tuple[str, Tensor]]:
-        return [(n, p.detach().to("cpu", copy=True)) for n, p in self.module.named_parameters()] if keep else []
+        if not keep:
+            return []
+        if is_lora(self.module):
+            return merged_weights(self.module)
+        return [(n, p.detach().to("cpu", copy=True)) for n, p in self.module.named_parameters()]
 
     def save_checkpoint(self, path: Path) -> None:
         if self.rank == 0:  # data-parallel ranks hold identical state
             path.mkdir(parents=True, exist_ok=True)
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            torch.save({**state, "model": self.module.state_dict(), "steps": self.steps}, path / "torch_engine.pt")
+            torch.save({**state, "model": self._weights(), "steps": self.steps}, path / "torch_engine.pt")
+
+    def _weights(self) -> dict[str, Tensor]:
+        """What a checkpoint keeps of the model: all of it, or with LoRA what trains (the base is the init model's)."""
+        if not is_lora(self.module):
+            return self.module.state_dict()
+        return {n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad}
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path / "torch_engine.pt", map_location=self.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
+        result = self.module.load_state_dict(state["model"], strict=not is_lora(self.module))
+        if result.unexpected_keys:
+            raise ValueError(f"{path}: the checkpoint has weights this model lacks: {result.unexpected_keys[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps = state["steps"]
@@ -255,11 +272,29 @@ def start_engine(
     return build_engine(cfg, load_model(), dist.rank, dist.world_size, groups=groups)
 
 
-def save_hf(engine: TrainEngine, rank: int, model_dir: Path, out_dir: Path) -> None:
-    """Rank 0 writes an HF dir (config, weights, the tokenizer of model_dir); every rank joins the gather."""
+def save_hf(engine: TrainEngine, rank: int, model_dir: Path, out_dir: Path, adapter_dir: Path | None = None) -> None:
+    """Rank 0 writes an HF dir (config, weights, the tokenizer of model_dir); every rank joins the gather. A LoRA
+    model is written merged, and its adapter alone to `adapter_dir` (a peft dir, for PeftModel.from_pretrained)."""
     from transformers import AutoTokenizer
 
     weights = engine.full_weights(keep=rank == 0)
-    if rank == 0:
-        engine.module.save_pretrained(out_dir, state_dict=dict(weights))
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    if rank != 0:
+        return
+    module = engine.module
+    if is_lora(module):
+        module.get_base_model().save_pretrained(out_dir, state_dict=dict(weights))
+        if adapter_dir is not None:
+            module.save_pretrained(adapter_dir)
+    else:
+        module.save_pretrained(out_dir, state_dict=dict(weights))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer updates: all of them, or with LoRA the adapters (and a score head)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_update(engine: TrainEngine) -> list[tuple[str, Tensor]]:
+    """The adapter tensors of a LoRA engine (what weight sync sends to engines that serve adapters)."""
+    return adapter_weights(engine.module)

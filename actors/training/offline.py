@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from actors.hf import load_frozen_model
 from actors.sequences import micro_batches, split_to, token_metrics
 from actors.training.engine import TrainEngine, build_engine, save_hf
+from actors.training.lora import ADAPTER_SUFFIX, add_adapters
 from actors.training.objectives import (
     PAIR_AGG,
     Objective,
@@ -49,7 +50,7 @@ from actors.training.objectives import (
 )
 from actors.training.update import accumulate_update, global_max, global_sum, mean_metrics
 from pipeline.batches import to_device
-from pipeline.config import DpoConfig, LearnerConfig
+from pipeline.config import DpoConfig, LearnerConfig, LoraConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -80,6 +81,7 @@ class OfflineJob:
     dpo: DpoConfig | None = None
     pair_loss: str = "bt"  # reward: a key of PAIR_LOSSES
     new_head: bool = True  # reward: draw the score head afresh (False: continue a trained reward model)
+    lora: LoraConfig | None = None  # rank > 0: train LoRA adapters (and a reward model's head) only
 
 
 # ---- the worker loops (Ray Train `train_loop_per_worker`, config {"job": OfflineJob}) ----
@@ -182,7 +184,10 @@ def train_member(
     join_process_group(job.learner)
     seed = job.seed + member
     torch.manual_seed(seed)  # every rank loads the same model (a new head starts identical)
-    engine = build_engine(job.learner, load_model(), rank, world)
+    model = load_model()
+    if job.lora is not None and job.lora.rank > 0:
+        model = add_adapters(model, job.lora)
+    engine = build_engine(job.learner, model, rank, world)
     first_epoch = 0
     if state is not None and state["member"] == member:
         with checkpoint.as_directory() as d:
@@ -203,6 +208,8 @@ def train_member(
             metrics.append(m)
             rows += len(batch) // (2 if pairs else 1)
             now = time.perf_counter()
+            if len(metrics) == 1:  # rates count from the end of the first update, which also paid the start-up
+                reported, reported_updates = now, 1
             if rank == 0 and job.progress is not None and now - reported >= PROGRESS_S:
                 # the rate of the last interval: the first update also pays the engine's and the shard's start
                 rate = (len(metrics) - reported_updates) / (now - reported)
@@ -233,7 +240,7 @@ def train_member(
         report_epoch(engine, rank, {"member": member, "epochs_done": epoch + 1}, record)
         if rank == 0 and job.progress is not None:
             job.progress.put({"stage": job.stage, **record})
-    save_hf(engine, rank, Path(job.tokenizer_dir), out_dir)
+    save_hf(engine, rank, Path(job.tokenizer_dir), out_dir, out_dir.with_name(out_dir.name + ADAPTER_SUFFIX))
     del engine
     gc.collect()
 

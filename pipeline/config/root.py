@@ -10,6 +10,7 @@ from pipeline.config.sections import (
     CheckpointConfig,
     DataConfig,
     LearnerConfig,
+    LoraConfig,
     ModelConfig,
     PlacementConfig,
     ReferenceConfig,
@@ -34,6 +35,7 @@ class Config(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -43,6 +45,16 @@ class Config(Section):
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     irl: IrlConfig = Field(default_factory=IrlConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def lora_for(self, key: str) -> LoraConfig | None:
+        """The LoRA settings of one training (`lora.stages` names: sft, rm, dpo, irl, rl), None where it trains in
+        full."""
+        return self.lora if self.lora.rank > 0 and key in self.lora.stages else None
+
+    @property
+    def base_reference(self) -> bool:
+        """LoRA RL without reference.model: the RL reference is the policy learners' base model, adapters off."""
+        return self.lora_for("rl") is not None and self.reference.model is None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -71,6 +83,14 @@ def _cross_field_problems(cfg: Config) -> list[tuple[str, str]]:
                 f"= {cfg.rollout.chunk_size}: rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must be a "
                 f"multiple of it, in a number of chunks divisible by learner.num_workers ({cfg.learner.num_workers}): "
                 "every learner rank takes the same number of equal chunks per step",
+            )
+        )
+    if cfg.lora.rank and cfg.learner.zero_stage == 3 and cfg.learner.backend == "deepspeed":
+        problems.append(
+            (
+                "lora.rank",
+                f"= {cfg.lora.rank} with learner.zero_stage=3: LoRA trains with ZeRO 0-2 (the adapters are small; "
+                "stage 3 would shard the frozen base too, which the merged export and weight sync do not gather)",
             )
         )
     if len(set(cfg.stages)) != len(cfg.stages):

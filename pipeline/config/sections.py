@@ -262,6 +262,37 @@ class LearnerConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    rank: int = Field(
+        0,
+        ge=0,
+        description="LoRA rank r; 0: off (full-parameter training). With r > 0 the RL policy learners and the sft, "
+        "rm, dpo and irl stages train peft LoRA adapters only (a reward model's score head trains whole), and the RL "
+        "reference is the learners' base model with the adapters off (unless reference.model is set).",
+    )
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: adapter updates are scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Names of the layers that get adapters (e.g. [q_proj, v_proj]); None: every attention and MLP "
+        "projection of the architecture (its Linear / Conv1D layers, output heads left out).",
+    )
+
+    stages: list[Literal["sft", "rm", "dpo", "irl", "rl"]] = Field(
+        ["sft", "rm", "dpo", "irl", "rl"],
+        description="Where adapters train: sft, rm (the reward stage), dpo, irl (its reward training) and rl (the "
+        "RL policy learners, also in irl's rounds); the others train in full. LoRA needs a trained base: a "
+        "random-init policy learns its SFT in full.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _named(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not name for name in v)):
+            raise ValueError("give at least one non-empty layer name, or null for the architecture's projections")
+        return v
+
+
 class KLConfig(Section):
     coef: float = Field(0.05, ge=0, description="KL coefficient (initial value for the adaptive controller).")
     estimator: Literal["k1", "k2", "k3"] = Field("k1", description="KL estimator (Schulman 2020).")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from cluster.plan import resolve_device
 from pipeline.config import RolloutConfig
 from pipeline.data import read_dataset
 from pipeline.errors import ConfigError
-from pipeline.progress import format_seconds, get_with_progress
+from pipeline.progress import EVERY_S, format_seconds, get_with_progress
 from pipeline.stages.context import StageContext
 from pipeline.stages.heldout import quiet, row_check
 from pipeline.types import PromptBatch
@@ -48,6 +49,7 @@ def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_
         out_dir=str(out_dir),
         batch_size=section.batch_size,
         seed=ctx.cfg.run.seed,
+        lora=ctx.cfg.lora_for(key),
         **extra,
     )
 
@@ -84,7 +86,9 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
     queue = Queue(actor_options={"num_cpus": 0})
     records: list[dict[str, Any]] = []
     done = threading.Event()
-    printer = threading.Thread(target=_print_progress, args=(queue, records, done, ctx.log, stage_dir), daemon=True)
+    printer = threading.Thread(
+        target=_print_progress, args=(stage, queue, records, done, ctx.log, stage_dir), daemon=True
+    )
     per_epoch = tuple(
         updates_per_epoch(datasets[name].count(), job.batch_size, ctx.cfg.learner.num_workers) for name in job.datasets
     )
@@ -110,9 +114,15 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
     return records
 
 
-def _print_progress(queue, records: list, done: threading.Event, log: Callable[[str], None], stage_dir: Path) -> None:
+def _print_progress(
+    stage: str, queue, records: list, done: threading.Event, log: Callable[[str], None], stage_dir: Path
+) -> None:
+    """Print what rank 0 reports; while it reports nothing (Ray Train starting its workers, a long first update),
+    a line every EVERY_S seconds says so."""
     from ray.util.queue import Empty
 
+    start = last = time.perf_counter()
+    heard = False  # from rank 0, once
     with (stage_dir / "epochs.jsonl").open("a") as f:
         while True:
             try:
@@ -120,7 +130,12 @@ def _print_progress(queue, records: list, done: threading.Event, log: Callable[[
             except Empty:
                 if done.is_set() and queue.empty():
                     return
+                if time.perf_counter() - last >= EVERY_S:
+                    last = time.perf_counter()
+                    what = "training" if heard else "starting the Ray Train workers"
+                    log(f"{stage}: {what} ({format_seconds(last - start)})")
                 continue
+            last, heard = time.perf_counter(), True
             if record.get("kind") == "progress":
                 log(describe_progress(record))
                 continue
