@@ -145,12 +145,12 @@ def test_a_qwen2_run_on_messages_prompts_stays_on_policy_until_a_bad_sync_stops_
     prompts = write_messages_prompts(task_dir, tmp_path / "prompts.jsonl")
     real_broadcast = rl_roles.broadcast_weights
 
-    def broadcast_corrupting_sync_3(named_tensors, version, rollout_actors, board=None):
+    def broadcast_corrupting_sync_3(named_tensors, version, rollout_actors, board=None, adapter=None):
         named_tensors = dict(named_tensors)
         if version == 3:
             name = "model.layers.0.self_attn.q_proj.bias"  # Qwen2's qkv bias
             named_tensors[name] = named_tensors[name] + 0.5
-        return real_broadcast(named_tensors, version, rollout_actors, board=board)
+        return real_broadcast(named_tensors, version, rollout_actors, board=board, adapter=adapter)
 
     monkeypatch.setattr(rl_roles, "broadcast_weights", broadcast_corrupting_sync_3)
     cfg = load_config(
