@@ -64,8 +64,7 @@ class ValueLearner:
         def load() -> PreTrainedModel:
             return AutoModelForTokenClassification.from_pretrained(self.model_dir, num_labels=1, dtype=torch.float32)
 
-        # the critic trains while the policy learners do: the two groups share the cores
-        self._engine = start_engine(self.cfg, self.dist, self.seed, load, groups=2)
+        self._engine = start_engine(self.cfg, self.dist, self.seed, load)
         self.layout = choose_layout(
             self.engine.model,
             self.engine.module,

@@ -4,7 +4,6 @@ loaded and placed, and the pad id. Role modules import these from here, never fr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +11,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def set_cpu_threads(threads: int, ranks: int) -> int:
-    """Give this process `threads` torch threads when it trains on CPU (0: the cores it may run on / `ranks`, the
-    processes that train at the same time, at least 1). -> the count. Ray starts an actor with OMP_NUM_THREADS =
-    its logical CPUs, 1 for a learner: on a CPU machine that leaves every other core idle while the learner
-    trains, since in on-policy mode nothing else runs then (README, benchmarks: TRL's trainer uses every core)."""
-    if torch.cuda.is_available():
+def set_cpu_threads(threads: int) -> int:
+    """Give this process `threads` torch threads when it computes on CPU: the count the resource plan gave its role
+    (cluster/plan.py); 0, none planned: it keeps the count it has. -> the count. Ray starts an actor with
+    OMP_NUM_THREADS = its logical CPUs, 1 for a learner, which would leave every other core idle while it trains."""
+    if torch.cuda.is_available() or not threads:
         return torch.get_num_threads()
-    n = threads or core_share(ranks)
-    torch.set_num_threads(n)
-    return n
-
-
-def core_share(processes: int) -> int:
-    """The cores this process may run on, split among `processes` that compute at the same time (at least 1)."""
-    return max(1, len(os.sched_getaffinity(0)) // processes)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def inference_placement() -> tuple[torch.device, torch.dtype]:

@@ -74,8 +74,7 @@ class PolicyLearner:
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
             return add_adapters(model, self.lora) if self.lora is not None else model
 
-        groups = 2 if self.algo.name == "ppo" else 1  # PPO's critic trains beside the policy
-        self._engine = start_engine(self.cfg, self.dist, self.seed, load, groups=groups)
+        self._engine = start_engine(self.cfg, self.dist, self.seed, load)
         self.layout = choose_layout(
             self.engine.model,
             self.engine.module,
@@ -278,37 +277,28 @@ class LearnerGroup:
         num_gpus: float = 0,
         lora: LoraConfig | None = None,
     ):
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+        from cluster.plan import RolePlan, placement, spawn
 
         n = learner_cfg.num_workers
-        if placement_group is not None:
-            strategies = [PlacementGroupSchedulingStrategy(placement_group, first_bundle + r) for r in range(n)]
-        else:
-            strategies = ["DEFAULT"] * n
-        probe = ray.remote(num_cpus=0)(master_address).options(scheduling_strategy=strategies[0])
+        ranks = RolePlan("learner", "learner", [{"CPU": float(num_cpus), "GPU": float(num_gpus)}] * n)
+        groups = {ranks.group: placement_group} if placement_group is not None else None
+        # Rank 0 listens on a free port of the node the probe ran on: in its bundle, or pinned to that node.
+        probe = ray.remote(num_cpus=0)(master_address).options(
+            scheduling_strategy=placement(ranks, groups, 0, first_bundle=first_bundle)
+        )
         addr, port, node_id = ray.get(probe.remote())
-        if placement_group is None:
-            strategies[0] = NodeAffinitySchedulingStrategy(node_id, soft=False)
-        actor_cls = ray.remote(learner_cls)
-        self.actors = [
-            actor_cls.options(
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                scheduling_strategy=strategies[r],
-                max_concurrency=2 if lora is not None and lora.rank > 0 else 1,
-            ).remote(
-                learner_cfg,
-                algo_cfg,
-                str(model_dir),
-                rank=r,
-                world_size=n,
-                master_addr=addr,
-                master_port=port,
-                seed=seed,
-                **({"lora": lora} if lora is not None else {}),
-            )
-            for r in range(n)
-        ]
+        common = {"world_size": n, "master_addr": addr, "master_port": port, "seed": seed}
+        self.actors = spawn(
+            learner_cls,
+            ranks,
+            groups,
+            [(learner_cfg, algo_cfg, str(model_dir))] * n,
+            {**common, **({"lora": lora} if lora is not None else {})},
+            kwargs_per_actor=[{"rank": r} for r in range(n)],
+            concurrency=2 if lora is not None and lora.rank > 0 else 1,
+            first_bundle=first_bundle,
+            node=node_id,
+        )
 
     def setup(self) -> list[float]:
         """Set every rank up together (they rendezvous). -> seconds per rank."""

@@ -30,7 +30,7 @@ class ReferenceWorker:
     def setup(self) -> None:
         """Load the model and choose the forward layout (packed unless reference.packing is off or the model
         fails the packing check)."""
-        set_cpu_threads(self.cfg.cpu_threads, self.cfg.num_workers)
+        set_cpu_threads(self.cfg.cpu_threads)
         model = load_frozen_model(AutoModelForCausalLM, self.model_dir)
         device = next(model.parameters()).device
         self.model, self.layout = model, choose_layout(model, model, device, self.cfg.packing, who="reference")

@@ -100,6 +100,7 @@ def main(policy: str, out: str, stages: str = "0,2,3", ranks: str = "1,2") -> No
     from transformers import AutoConfig
 
     from actors.learner import LearnerGroup, PolicyLearner
+    from cluster.plan import plan
     from pipeline.config import load_config
     from pipeline.run import start_ray
 
@@ -113,7 +114,8 @@ def main(policy: str, out: str, stages: str = "0,2,3", ranks: str = "1,2") -> No
                     None, [f"learner.zero_stage={stage}", f"learner.num_workers={n}", "learner.micro_batch_size=4"]
                 )
                 t = time.time()
-                group = LearnerGroup(PolicyLearner, cfg.learner, cfg.algo, policy, seed=0)
+                learner = plan(cfg).roles["learner"].settings(cfg.learner)  # the RL stage's threads
+                group = LearnerGroup(PolicyLearner, learner, cfg.algo, policy, seed=0)
                 group.setup()
                 batch = random_batch(4 * n, vocab)
                 group.train_step(batch)  # creates the AdamW state

@@ -22,6 +22,7 @@ def main(out: str, *models: str) -> None:
     from actors.learner import LearnerGroup, PolicyLearner
     from actors.rollout import RolloutWorker
     from actors.weight_sync import broadcast_weights
+    from cluster.plan import plan
     from pipeline.config import load_config
     from pipeline.run import start_ray
 
@@ -31,7 +32,8 @@ def main(out: str, *models: str) -> None:
     try:
         for spec in models:
             name, _, policy = spec.partition("=")
-            group = LearnerGroup(PolicyLearner, cfg.learner, cfg.algo, policy, seed=0)
+            learner = plan(cfg).roles["learner"].settings(cfg.learner)  # the RL stage's threads
+            group = LearnerGroup(PolicyLearner, learner, cfg.algo, policy, seed=0)
             rollout = ray.remote(num_cpus=1)(RolloutWorker).remote(cfg.rollout, Path(policy), seed=0)
             ray.get(rollout.setup.remote())
             group.setup()

@@ -1,7 +1,9 @@
 """The resource plan: which bundles each role gets, and spawning actors into them through placement groups.
 
 `plan(cfg)` is a pure function of the config (no Ray calls), so it can be printed, tested and reused by Ray Tune
-(a trial reserves exactly the plan's bundles). `spawn(...)` is the one place where plain classes become Ray actors.
+(a trial reserves exactly the plan's bundles); the one thing it reads besides the config is the driver's core count,
+from which it decides each role's torch threads on CPU (`cpu_threads`). `spawn(...)` is the one place where plain
+classes become Ray actors, into the plan's bundles or (learner groups and one-off workers) outside any group.
 
 One placement group per role, or per group of colocated roles (`placement.colocate`): there, actor i of each
 role shares bundle i and takes an equal share of its CPU and GPU (e.g. reward and reference models on one GPU).
@@ -16,6 +18,7 @@ custom resources, else any) and how its group is laid out over them (`STRATEGY`)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ class RolePlan:
     bundles: list[dict[str, float]]  # actor i goes into bundle i of its group
     share: float = 1.0  # fraction of each bundle's CPU/GPU one actor takes (< 1 when colocated)
     strategy: str = "PACK"  # placement group strategy of its group (STRATEGY)
+    threads: int | None = None  # torch threads of each actor on CPU (`cpu_threads`); None: Ray's, 1 per CPU it holds
 
     @property
     def count(self) -> int:
@@ -57,6 +61,10 @@ class RolePlan:
         """Ray actor options for actor i: its share of bundle i (custom resources are held by the bundle)."""
         bundle = self.bundles[i]
         return {"num_cpus": bundle.get("CPU", 0.0) * self.share, "num_gpus": bundle.get("GPU", 0.0) * self.share}
+
+    def settings(self, section: Any) -> Any:
+        """The role's config section as its actors get it: `cpu_threads` set to the planned count."""
+        return section if self.threads is None else section.model_copy(update={"cpu_threads": self.threads})
 
 
 @dataclass(frozen=True)
@@ -94,14 +102,46 @@ class ResourcePlan:
             if role in self.roles:
                 rp = self.roles[role]
                 share = f"  share {rp.share:.2f} of group {rp.group}" if rp.share < 1 else ""
-                lines.append(f"  {role:<9} x{rp.count}  {rp.bundles[0]}{share}  {rp.where()}")
+                threads = f"  {rp.threads} threads" if rp.threads is not None and self.device == "cpu" else ""
+                lines.append(f"  {role:<9} x{rp.count}  {rp.bundles[0]}{share}{threads}  {rp.where()}")
         return "\n".join(lines)
 
 
-def plan(cfg: Any, *, device: str = "cpu", reference_actors: bool = True) -> ResourcePlan:
-    """Config (pipeline.config.Config) -> resource plan for `device` "cpu" or "gpu". reference_actors=False: the
-    RL stage of a LoRA run, where the learners serve the reference (their base model), leaves the role out."""
+def available_cores() -> int:
+    """The cores this process may run on: the driver's, which the plan takes as every node's."""
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_threads(cfg: Any, cores: int) -> dict[str, int]:
+    """torch threads of each reference, learner and critic actor on CPU: the section's `cpu_threads`, or (0) the
+    `cores` split among the processes that compute at the same time, at least 1 each. Rollout and reward actors
+    keep Ray's count."""
+    share = lambda processes: max(1, cores // processes)  # noqa: E731
+    engines = cfg.rollout.num_workers
+    ppo = cfg.algo.name == "ppo"
+    # PPO's critic ranks train beside the policy's; in async mode the engines generate meanwhile, in sync mode
+    # nothing else runs while the learners train.
+    trainers = cfg.learner.num_workers * (2 if ppo else 1) + (engines if cfg.rollout.async_ else 0)
+    learner = cfg.learner.cpu_threads or share(trainers)
+    # With several chunks a step (or in async mode) the reference scores chunk c while the engines generate
+    # chunk c+1; a sync step of one chunk is scored alone.
+    overlaps = cfg.rollout.async_ or cfg.rollout.prompts_per_step > cfg.rollout.chunk_size
+    reference = cfg.reference.cpu_threads or share(cfg.reference.num_workers + (engines if overlaps else 0))
+    return {"reference": reference, "learner": learner, **({"critic": learner} if ppo else {})}
+
+
+def offline_threads(cfg: Any, cores: int | None = None) -> int:
+    """torch threads of each Ray Train worker of the offline stages (sft, reward, dpo, irl's discriminator):
+    `learner.cpu_threads`, or (0) the cores split among the `learner.num_workers` workers, which train alone."""
+    return cfg.learner.cpu_threads or max(1, (cores or available_cores()) // cfg.learner.num_workers)
+
+
+def plan(cfg: Any, *, device: str = "cpu", reference_actors: bool = True, cores: int | None = None) -> ResourcePlan:
+    """Config (pipeline.config.Config) -> resource plan for `device` "cpu" or "gpu", with each role's torch threads
+    for a machine of `cores` cores (default: this process's). reference_actors=False: the RL stage of a LoRA run,
+    where the learners serve the reference (their base model), leaves the role out."""
     gpu = device == "gpu"
+    threads = cpu_threads(cfg, cores or available_cores())
     counts = {
         "rollout": cfg.rollout.num_workers,
         "reward": cfg.reward.num_workers,
@@ -134,7 +174,12 @@ def plan(cfg: Any, *, device: str = "cpu", reference_actors: bool = True) -> Res
         strategy = "SPREAD" if all(STRATEGY[r] == "SPREAD" for r in members) else "PACK"
         for role in members:
             roles[role] = RolePlan(
-                role, name, groups[name][: counts[role]], share=1.0 / len(members), strategy=strategy
+                role,
+                name,
+                groups[name][: counts[role]],
+                share=1.0 / len(members),
+                strategy=strategy,
+                threads=threads.get(role),
             )
     return ResourcePlan(device=device, roles={r: roles[r] for r in ROLES if r in roles}, groups=groups)
 
@@ -207,31 +252,53 @@ def release(groups: dict[str, Any]) -> None:
             ray.util.remove_placement_group(pg)
 
 
+def placement(role_plan: RolePlan, groups: dict[str, Any] | None, i: int, *, first_bundle: int = 0) -> Any:
+    """Scheduling strategy of actor i of a role: bundle first_bundle + i of its placement group; without groups
+    (None), "DEFAULT": anywhere its resources fit."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if groups is None:
+        return "DEFAULT"
+    return PlacementGroupSchedulingStrategy(
+        placement_group=groups[role_plan.group], placement_group_bundle_index=first_bundle + i
+    )
+
+
 def spawn(
     cls: type,
     role_plan: RolePlan,
-    groups: dict[str, Any],
+    groups: dict[str, Any] | None,
     args_per_actor: list[tuple],
     kwargs=None,
     *,
+    kwargs_per_actor: list[dict[str, Any]] | None = None,
     restarts: int = 0,
+    concurrency: int = 1,
+    first_bundle: int = 0,
+    node: str | None = None,
 ) -> list:
-    """Make `cls` a Ray actor and start one per bundle of the role, actor i in bundle i of its group. With
-    `restarts` > 0 Ray restarts a crashed actor in its bundle that many times and retries its calls in flight."""
+    """Make `cls` a Ray actor and start one per bundle of the role with that bundle's resources (`placement`:
+    actor i in bundle first_bundle + i of its group; `groups` None: outside any placement group, actor 0 on node
+    id `node` when given). Actor i gets `args_per_actor[i]`, `kwargs` and `kwargs_per_actor[i]`; `concurrency`
+    calls at a time. With `restarts` > 0 Ray restarts a crashed actor in its bundle that many times and retries its
+    calls in flight."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if len(args_per_actor) != role_plan.count:
         raise ValueError(f"{role_plan.role}: {len(args_per_actor)} argument sets for {role_plan.count} bundles")
-    pg = groups[role_plan.group]
     actors = []
     for i, args in enumerate(args_per_actor):
-        strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        strategy = placement(role_plan, groups, i, first_bundle=first_bundle)
+        if groups is None and node is not None and i == 0:
+            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
         options = {
             **role_plan.actor_resources(i),
             "scheduling_strategy": strategy,
             "max_restarts": restarts,
             "max_task_retries": restarts,
+            "max_concurrency": concurrency,
         }
-        actors.append(ray.remote(cls).options(**options).remote(*args, **(kwargs or {})))
+        each = kwargs_per_actor[i] if kwargs_per_actor is not None else {}
+        actors.append(ray.remote(cls).options(**options).remote(*args, **(kwargs or {}), **each))
     return actors

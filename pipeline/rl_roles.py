@@ -12,7 +12,6 @@ import ray
 import torch
 
 from actors.critic import ValueLearner
-from actors.hf import core_share
 from actors.learner import LearnerGroup, PolicyLearner
 from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
@@ -22,7 +21,7 @@ from actors.training.update import mean_metrics
 from actors.weight_sync import WeightBoard, broadcast_weights
 from cluster.plan import plan, release, reserve, resolve_device, spawn
 from pipeline import checkpoint
-from pipeline.config import Config, LearnerConfig, ReferenceConfig, RolloutConfig
+from pipeline.config import Config, RolloutConfig
 from pipeline.errors import RunFailure
 from pipeline.experience import combine_metrics
 from pipeline.stages.context import StageContext
@@ -38,32 +37,6 @@ def get_all(refs: list) -> list:
         done, pending = ray.wait(pending, num_returns=1)
         ray.get(done)
     return ray.get(refs)
-
-
-def learner_settings(cfg: Config) -> LearnerConfig:
-    """`cfg.learner`, with the default thread count (`cpu_threads` 0) resolved for async mode: there the rollout
-    engines generate while the learners train, so the learner ranks (and PPO's critic ranks) share this machine's
-    cores with the engines instead of taking them all (measured: 2 threads per learner beside vLLM halved async
-    samples/s on 2 cores). In sync mode nothing runs while the learners train, and the learners resolve 0 themselves.
-    """
-    if not cfg.rollout.async_ or cfg.learner.cpu_threads:
-        return cfg.learner
-    groups = 2 if cfg.algo.name == "ppo" else 1
-    sharing = cfg.learner.num_workers * groups + cfg.rollout.num_workers
-    return cfg.learner.model_copy(update={"cpu_threads": core_share(sharing)})
-
-
-def reference_settings(cfg: Config) -> ReferenceConfig:
-    """`cfg.reference` with the default thread count resolved. When a step has several chunks (or in async mode),
-    the stream scores chunk c under the reference while the engines generate chunk c+1, so reference actors share
-    the cores with the rollout engines (2 threads beside vLLM on 2 cores measured 134 samples/s in async mode
-    against 165 with 1). A sync step of one chunk scores it alone: the reference takes the cores (25.8M policy,
-    8 x 8 samples, `make bench`: 0.90-0.99 s a step with 1 thread, 0.64-0.67 s with 2)."""
-    if cfg.reference.cpu_threads:
-        return cfg.reference
-    overlaps = cfg.rollout.async_ or cfg.rollout.prompts_per_step > cfg.rollout.chunk_size
-    sharing = cfg.reference.num_workers + (cfg.rollout.num_workers if overlaps else 0)
-    return cfg.reference.model_copy(update={"cpu_threads": core_share(sharing)})
 
 
 def check_mismatch(step: int, metrics: dict[str, float], cfg: RolloutConfig) -> str | None:
@@ -110,7 +83,7 @@ class Roles:
         # Crashed rollout, reward and reference actors are restarted by Ray (their calls in flight retried); they
         # sign in with the board, and a restarted rollout worker takes the current weights from it.
         self.board = ray.remote(num_cpus=0)(WeightBoard).remote()
-        restarts = {"restarts": cfg.run.max_restarts}
+        restarts = cfg.run.max_restarts
         # LoRA: vLLM engines serve the base weights plus the adapter each sync sends; the HF engine takes merged
         # weights.
         self.lora = cfg.lora_for("rl")
@@ -123,7 +96,7 @@ class Roles:
             self.groups,
             [(cfg.rollout, policy)] * roles["rollout"].count,
             {"seed": cfg.run.seed, "board": self.board, "lora_rank": cfg.lora.rank if self.adapter_sync else 0},
-            **restarts,
+            restarts=restarts,
         )
         self.rewards = spawn(
             RewardWorker,
@@ -131,7 +104,7 @@ class Roles:
             self.groups,
             [(cfg.reward, ctx.reward_dirs())] * roles["reward"].count,
             {"board": self.board},
-            **restarts,
+            restarts=restarts,
         )
         self.references = []
         if not cfg.base_reference:
@@ -139,9 +112,9 @@ class Roles:
                 ReferenceWorker,
                 roles["reference"],
                 self.groups,
-                [(reference_settings(cfg), reference)] * roles["reference"].count,
+                [(roles["reference"].settings(cfg.reference), reference)] * roles["reference"].count,
                 {"board": self.board},
-                **restarts,
+                restarts=restarts,
             )
         self.learners = self._learner_group(PolicyLearner, "learner")
         if cfg.base_reference:
@@ -159,7 +132,7 @@ class Roles:
         rp = self.resource_plan.roles[role]
         return LearnerGroup(
             cls,
-            learner_settings(self.cfg),
+            rp.settings(self.cfg.learner),
             self.cfg.algo,
             self.policy_dir,
             seed=self.cfg.run.seed,

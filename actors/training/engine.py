@@ -57,12 +57,9 @@ def init_distributed(cfg: LearnerConfig, rank: int, world_size: int, master_addr
         torch.distributed.init_process_group(dist_backend)
 
 
-def build_engine(
-    cfg: LearnerConfig, model: PreTrainedModel, rank: int, world_size: int, *, groups: int = 1
-) -> TrainEngine:
-    """`groups`: learner groups that train at the same time on these cores (2 for PPO: the policy and the critic),
-    which share them in the default thread count."""
-    set_cpu_threads(cfg.cpu_threads, world_size * groups)
+def build_engine(cfg: LearnerConfig, model: PreTrainedModel, rank: int, world_size: int) -> TrainEngine:
+    """`cfg.backend`'s engine on `model`, with the torch threads the resource plan set (`cfg.cpu_threads`)."""
+    set_cpu_threads(cfg.cpu_threads)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -263,13 +260,11 @@ class Dist(NamedTuple):
     master_port: int
 
 
-def start_engine(
-    cfg: LearnerConfig, dist: Dist, seed: int, load_model: Callable[[], PreTrainedModel], *, groups: int = 1
-) -> TrainEngine:
+def start_engine(cfg: LearnerConfig, dist: Dist, seed: int, load_model: Callable[[], PreTrainedModel]) -> TrainEngine:
     """Join the process group, then load the model (same seed on every rank: new heads start identical)."""
     init_distributed(cfg, *dist)
     torch.manual_seed(seed)
-    return build_engine(cfg, load_model(), dist.rank, dist.world_size, groups=groups)
+    return build_engine(cfg, load_model(), dist.rank, dist.world_size)
 
 
 def save_hf(engine: TrainEngine, rank: int, model_dir: Path, out_dir: Path, adapter_dir: Path | None = None) -> None:

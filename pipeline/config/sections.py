@@ -205,8 +205,9 @@ class ReferenceConfig(Section):
     cpu_threads: int = Field(
         0,
         ge=0,
-        description="torch threads of each reference actor on CPU; 0: the machine's cores / (num_workers + the rollout "
-        "workers), which generate while the reference scores (the RL stage resolves it).",
+        description="torch threads of each reference actor on CPU; 0: the resource plan splits the machine's cores "
+        "among the reference actors, and the rollout workers too when they generate while it scores (several chunks "
+        "a step, or async mode).",
     )
 
 
@@ -248,8 +249,9 @@ class LearnerConfig(Section):
         0,
         ge=0,
         description="torch threads of each learner process on CPU (RL learners, critic, sft/reward/dpo workers); "
-        "0: the machine's cores / the processes training at once (num_workers; x2 for PPO's critic; + the rollout "
-        "workers in async mode). Ray alone would give an actor one thread per logical CPU it holds.",
+        "0: the resource plan splits the machine's cores among the processes training at once (num_workers; x2 for "
+        "PPO's critic; + the rollout workers in async mode). Ray alone would give an actor one thread per logical "
+        "CPU it holds.",
     )
 
     @model_validator(mode="after")

@@ -72,7 +72,7 @@ class EvalWorkers:
             ReferenceWorker,
             roles["reference"],
             self.groups,
-            [(self.cfg.reference, self.reference)] * roles["reference"].count,
+            [(roles["reference"].settings(self.cfg.reference), self.reference)] * roles["reference"].count,
         )
         self.actors = engines + self.rewards + self.references
         ray.get([a.setup.remote() for a in self.actors])

@@ -17,7 +17,7 @@ import ray
 
 from actors.rollout import RolloutWorker
 from actors.training.offline import OfflineJob
-from cluster.plan import resolve_device
+from cluster.plan import RolePlan, offline_threads, resolve_device, spawn
 from pipeline.config import RolloutConfig
 from pipeline.data import read_dataset
 from pipeline.errors import ConfigError
@@ -31,7 +31,8 @@ POLL_S = 0.5  # how often the progress printer looks for a finished fit
 
 def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_dir, out_dir, **extra) -> OfflineJob:
     """The job of an offline stage: the `learner` settings with the stage section's (`key`) lr, epochs and token
-    budget, its batch size (checked against the worker count) and the run seed."""
+    budget, the workers' torch threads (cluster.plan.offline_threads), its batch size (checked against the worker
+    count) and the run seed."""
     section = getattr(ctx.cfg, key)
     check_batch_size(f"{key}.batch_size", section.batch_size, ctx.cfg.learner.num_workers)
     return OfflineJob(
@@ -42,6 +43,7 @@ def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_
                 "epochs": section.epochs,
                 "max_tokens_per_micro_batch": section.max_tokens_per_micro_batch,
                 "packing": ctx.cfg.learner.packing if section.packing is None else section.packing,
+                "cpu_threads": offline_threads(ctx.cfg),
             }
         ),
         init_dir=str(init_dir),
@@ -193,7 +195,8 @@ def policy_samples(
     """`samples_per_prompt` responses per prompt ([P * G], a prompt's consecutive) from a rollout worker on `policy`
     with the configured engine, as a Ray actor that is gone afterwards. The prompts go in a few chunks of at least
     `rollout.chunk_size`; prompt i keeps the seed seed + i (vLLM seeds each prompt), so chunking changes nothing."""
-    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(rollout, Path(policy), seed=seed)
+    one = RolePlan("rollout", "rollout", [{"CPU": 1.0}])  # outside any placement group
+    worker = spawn(RolloutWorker, one, None, [(rollout, Path(policy))], {"seed": seed})[0]
     size = max(rollout.chunk_size, -(-len(prompts) // SAMPLING_CALLS))
     starts = range(0, len(prompts), size)
     try:

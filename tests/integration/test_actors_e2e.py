@@ -47,10 +47,12 @@ def roles(local_ray, task_dir):
     roles = resource_plan.roles
     rollout = spawn(RolloutWorker, roles["rollout"], groups, [(cfg.rollout, policy_dir)], {"seed": 0})[0]
     reward = spawn(RewardWorker, roles["reward"], groups, [(cfg.reward,)])[0]
-    reference = spawn(ReferenceWorker, roles["reference"], groups, [(cfg.reference, policy_dir)])[0]
+    reference = spawn(
+        ReferenceWorker, roles["reference"], groups, [(roles["reference"].settings(cfg.reference), policy_dir)]
+    )[0]
     learners = LearnerGroup(
         PolicyLearner,
-        cfg.learner,
+        roles["learner"].settings(cfg.learner),
         cfg.algo,
         policy_dir,
         seed=0,

@@ -164,35 +164,12 @@ def test_non_finite_reward_or_loss_skips_the_update(task_dir, backend):
     )
 
 
-def test_learner_threads_default_to_the_cores_shared_among_ranks():
-    import os
-
+def test_an_actor_takes_the_threads_it_is_given_and_keeps_its_own_without_a_count():
     from actors.hf import set_cpu_threads
 
-    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    before = torch.get_num_threads()
     try:
-        assert set_cpu_threads(0, 1) == cores == torch.get_num_threads()  # Ray alone would leave it at 1
-        assert set_cpu_threads(0, 2 * cores) == 1 == torch.get_num_threads()  # never 0
-        assert set_cpu_threads(3, 1) == 3 == torch.get_num_threads()  # learner.cpu_threads wins
+        assert set_cpu_threads(3) == 3 == torch.get_num_threads()  # the plan's count (Ray alone would leave 1)
+        assert set_cpu_threads(0) == 3 == torch.get_num_threads()  # none planned: the process keeps its count
     finally:
         torch.set_num_threads(before)
-
-
-def test_async_learners_and_the_reference_share_the_cores_with_the_rollout_engines(monkeypatch):
-    import os
-
-    from pipeline.config import load_config
-    from pipeline.rl_roles import learner_settings, reference_settings
-    from tests.conftest import REPO
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # an 8-core machine
-    sync = load_config(REPO / "configs/tiny_irl.yaml")  # 1 learner, 1 reference, 1 rollout worker
-    assert learner_settings(sync).cpu_threads == 0  # nothing generates while it trains: the learner takes all
-    assert reference_settings(sync).cpu_threads == 4  # the reference scores chunk c while the engine generates c+1
-    one_chunk = load_config(REPO / "configs/tiny_irl.yaml", ["rollout.chunk_size=32"])
-    assert reference_settings(one_chunk).cpu_threads == 8  # a step of one chunk: nothing generates while it scores
-    async_one_chunk = load_config(REPO / "configs/tiny_irl.yaml", ["rollout.chunk_size=32", "rollout.async=true"])
-    assert reference_settings(async_one_chunk).cpu_threads == 4  # the next step's chunk generates meanwhile
-    ppo = load_config(REPO / "configs/tiny_irl.yaml", ["rollout.async=true", "algo.name=ppo", "learner.num_workers=2"])
-    assert learner_settings(ppo).cpu_threads == 8 // (2 * 2 + 1)  # policy and critic ranks beside the engine
-    assert learner_settings(load_config(REPO / "configs/tiny_irl.yaml", ["learner.cpu_threads=3"])).cpu_threads == 3
