@@ -50,6 +50,12 @@ def grpo_summary(grpo: dict) -> dict[str, Any]:
         for run in policy["runs"]:
             per_tool.setdefault(run["tool"], []).append(throughput(run, grpo["warmup_steps"]))
         entry = {tool: {k: spread([r[k] for r in rows]) for k in rows[0]} for tool, rows in per_tool.items()}
+        for tool in entry:  # raylign's own step metrics: bytes a weight sync sent, learner tokens computed / real
+            steps = [s for run in policy["runs"] if run["tool"] == tool for s in run["steps"]]
+            sent = [s["sync/bytes"] for s in steps if "sync/bytes" in s]
+            ratios = [s["tokens/computed"] / s["tokens/real"] for s in steps if s.get("tokens/real")]
+            entry[tool].update({"sync_bytes": median(sent) if sent else None})
+            entry[tool].update({"computed_over_real": median(ratios) if ratios else None})
         if {"raylign", "trl"} <= set(entry):
             for key in ("samples_per_s", "tokens_per_s"):
                 entry[f"ratio_{key}"] = entry["raylign"][key]["median"] / entry["trl"][key]["median"]
@@ -96,6 +102,29 @@ def rollout_summary(rollout: dict) -> dict[str, Any]:
     return out
 
 
+def engines_summary(engines: dict) -> dict[str, list[dict]]:
+    """Per policy and engine: median seconds of one update, real tokens/s, computed / real tokens, process RSS, and
+    the largest loss and weight differences from the torch engine after the same updates."""
+    out = {}
+    for name, section in engines["policies"].items():
+        rows = []
+        for row in section["rows"]:
+            seconds = median(row["update_s"])
+            rows.append(
+                {
+                    "engine": row["engine"],
+                    "update_s": seconds,
+                    "real_tokens_per_s": row["tokens"]["real"] / seconds,
+                    "computed_over_real": row["tokens"]["computed"] / row["tokens"]["real"],
+                    "rss_mib": row["rss"] / MIB,
+                    "loss_diff": row["loss_abs_diff_vs_torch"],
+                    "weight_diff": row["weight_abs_diff_vs_torch"],
+                }
+            )
+        out[name] = rows
+    return out
+
+
 def memory_summary(memory: dict) -> list[dict]:
     rows = []
     for row in memory["rows"]:
@@ -105,6 +134,7 @@ def memory_summary(memory: dict) -> list[dict]:
             {
                 "zero_stage": row["zero_stage"],
                 "learners": row["learners"],
+                "lora": row.get("lora", 0),
                 "numel": worst["numel"],
                 **{f"{k}_mib": worst[k] / MIB for k in ("params", "master", "grads", "optimizer", "total", "rss")},
             }
@@ -165,6 +195,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             }
             for m in results["sync"]["models"]
         ]
+    if "engines" in results:
+        s["engines"] = engines_summary(results["engines"])
     if "memory" in results:
         s["memory"] = memory_summary(results["memory"])
     if "async" in results:

@@ -10,7 +10,8 @@ on the optimizer that DeepSpeed steps) each rank walks the tensors its engine ho
 - optimizer: the AdamW state (exp_avg, exp_avg_sq, step)
 
 Measured from the engine's tensors, not computed from a formula; transient buffers (ZeRO's reduce buckets,
-activations) are not counted. Each rank's process RSS is recorded beside it.
+activations) are not counted. Each rank's process RSS is recorded beside it. LoRA rows (`lora.rank=8` on the
+attention and MLP projections): the frozen base counts under params, the adapters are all the optimizer steps.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def random_batch(n: int, vocab: int):
     )
 
 
+LORA = [(0, 1), (2, 2)]  # (ZeRO stage, learners) of the LoRA rows: one rank's default, and data parallel
+
+
 def main(policy: str, out: str, stages: str = "0,2,3", ranks: str = "1,2") -> None:
     import ray
     from transformers import AutoConfig
@@ -108,24 +112,33 @@ def main(policy: str, out: str, stages: str = "0,2,3", ranks: str = "1,2") -> No
     start_ray(load_config(None, []))
     rows = []
     try:
-        for stage in (int(x) for x in stages.split(",")):
-            for n in (int(x) for x in ranks.split(",")):
-                cfg = load_config(
-                    None, [f"learner.zero_stage={stage}", f"learner.num_workers={n}", "learner.micro_batch_size=4"]
-                )
-                t = time.time()
-                learner = plan(cfg).roles["learner"].settings(cfg.learner)  # the RL stage's threads
-                group = LearnerGroup(PolicyLearner, learner, cfg.algo, policy, seed=0)
-                group.setup()
-                batch = random_batch(4 * n, vocab)
-                group.train_step(batch)  # creates the AdamW state
-                ray.get([a.__ray_call__.remote(arm) for a in group.actors])
-                group.train_step(batch)
-                per_rank = ray.get([a.__ray_call__.remote(recorded) for a in group.actors])
-                group.shutdown()
-                rows.append({"zero_stage": stage, "learners": n, "per_rank": per_rank, "seconds": time.time() - t})
-                mib = per_rank[0]["total"] / 2**20
-                print(f"memory: ZeRO-{stage} x{n}: {mib:.0f} MiB param+master+grad+optimizer on rank 0", flush=True)
+        full = [(int(z), int(n), 0) for z in stages.split(",") for n in ranks.split(",")]
+        lora = [(z, n, 8) for z, n in LORA if str(z) in stages.split(",") and str(n) in ranks.split(",")]
+        for stage, n, rank in full + lora:
+            cfg = load_config(
+                None,
+                [
+                    f"learner.zero_stage={stage}",
+                    f"learner.num_workers={n}",
+                    "learner.micro_batch_size=4",
+                    f"lora.rank={rank}",
+                ],
+            )
+            t = time.time()
+            learner = plan(cfg).roles["learner"].settings(cfg.learner)  # the RL stage's threads
+            group = LearnerGroup(PolicyLearner, learner, cfg.algo, policy, seed=0, lora=cfg.lora)
+            group.setup()
+            batch = random_batch(4 * n, vocab)
+            group.train_step(batch)  # creates the AdamW state
+            ray.get([a.__ray_call__.remote(arm) for a in group.actors])
+            group.train_step(batch)
+            per_rank = ray.get([a.__ray_call__.remote(recorded) for a in group.actors])
+            group.shutdown()
+            rows.append(
+                {"zero_stage": stage, "learners": n, "lora": rank, "per_rank": per_rank, "seconds": time.time() - t}
+            )
+            mib, tag = per_rank[0]["total"] / 2**20, f" LoRA r{rank}" if rank else ""
+            print(f"memory: ZeRO-{stage} x{n}{tag}: {mib:.0f} MiB param+master+grad+optimizer on rank 0", flush=True)
     finally:
         ray.shutdown()
     Path(out).write_text(json.dumps(rows, indent=1))

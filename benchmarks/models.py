@@ -36,7 +36,7 @@ def build(log=print) -> dict:
     -> {policy name: parameter count}."""
     from transformers import AutoTokenizer
 
-    from pipeline.config import load_config
+    from pipeline.config import load_config, to_yaml
     from pipeline.run import run_stages
     from pipeline.tasks.tiny_models import build_policy, num_parameters
 
@@ -47,6 +47,7 @@ def build(log=print) -> dict:
     ):
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = load_config(None, ["stages=[synth, sft]", "run.name=bench-task", "run.seed=0"])
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))  # a run dir, as `raylign run` writes it
         run_stages(cfg, run_dir, log=log)
     tokenizer = AutoTokenizer.from_pretrained(policy("tiny"))
     counts = {}

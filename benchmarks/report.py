@@ -74,9 +74,10 @@ def grpo_md(r: dict, s: dict) -> list[str]:
         spec = r["grpo"]["policies"][name]["spec"]
         params = r["parameters"].get(name, 0) / 1e6
         work = f"{spec['prompts_per_step']}x{spec['samples_per_prompt']}, <={spec['max_new_tokens']} tok"
-        for tool in ("raylign", "trl"):
+        for tool in ("raylign", "raylign-lora", "trl"):
             e = entry.get(tool)
             if e:
+                sent, padding = e.get("sync_bytes"), e.get("computed_over_real")
                 ratio = (
                     f"{entry['ratio_samples_per_s']:.2f}x"
                     if tool == "raylign" and "ratio_samples_per_s" in entry
@@ -93,6 +94,8 @@ def grpo_md(r: dict, s: dict) -> list[str]:
                         mmm(e["samples_per_s"], "{:.1f}"),
                         mmm(e["tokens_per_s"]),
                         ratio,
+                        f"{sent / 1e6:.2f}" if sent else "-",
+                        f"{padding:.2f}" if padding else "-",
                     ]
                 )
     return [
@@ -111,6 +114,8 @@ def grpo_md(r: dict, s: dict) -> list[str]:
                 "samples/s min/med/max",
                 "tokens/s min/med/max",
                 "raylign/TRL",
+                "sync MB/step",
+                "learner tokens computed/real",
             ],
             rows,
         ),
@@ -163,6 +168,33 @@ def sync_md(s: dict) -> list[str]:
     ]
 
 
+def engines_md(s: dict) -> list[str]:
+    if "engines" not in s:
+        return []
+    rows = [
+        [
+            name,
+            e["engine"],
+            f"{e['update_s']:.3f}",
+            f"{e['real_tokens_per_s']:.0f}",
+            f"{e['computed_over_real']:.2f}",
+            f"{e['rss_mib']:.0f}",
+            f"{e['loss_diff']:.1e}",
+            f"{e['weight_diff']:.1e}",
+        ]
+        for name, engines in s["engines"].items()
+        for e in engines
+    ]
+    header = ["policy", "engine", "s/update", "real tokens/s", "computed/real", "RSS MiB", "loss diff", "weight diff"]
+    return [
+        "One learner rank, the same policy updates on one engine each (64 sequences of 8 + 4-32 tokens, micro-batches "
+        "of 16, median update; differences: largest from the torch engine's loss and weights after the same updates; "
+        "`zero0 padded`: packing off):",
+        "",
+        *table(header, rows),
+    ]
+
+
 def memory_md(r: dict, s: dict) -> list[str]:
     if "memory" not in s:
         return []
@@ -170,6 +202,7 @@ def memory_md(r: dict, s: dict) -> list[str]:
         [
             m["zero_stage"],
             m["learners"],
+            f"r{m['lora']}" if m.get("lora") else "-",
             f"{m['params_mib']:.0f}",
             f"{m['master_mib']:.0f}",
             f"{m['grads_mib']:.0f}",
@@ -184,7 +217,9 @@ def memory_md(r: dict, s: dict) -> list[str]:
         f"Learner memory per rank, MiB ({n:.1f}M-parameter policy, fp32, AdamW; measured from the engine's "
         "tensors just before an optimizer step, the largest rank shown; RSS is the whole actor process):",
         "",
-        *table(["ZeRO", "learners", "params", "fp32 master", "grads", "AdamW state", "total", "process RSS"], rows),
+        *table(
+            ["ZeRO", "learners", "LoRA", "params", "fp32 master", "grads", "AdamW state", "total", "process RSS"], rows
+        ),
     ]
 
 
@@ -259,6 +294,7 @@ def render(r: dict, name: str) -> tuple[str, str]:
         *rollout_md(r, s),
         *step_md(s),
         *sync_md(s),
+        *engines_md(s),
         *memory_md(r, s),
         *async_md(s),
         *peak_md(s),

@@ -5,7 +5,8 @@
 1. end-to-end GRPO, raylign vs TRL's GRPOTrainer (its own venv, benchmarks/.venv-trl), alternated, per policy
 2. rollout tokens/s, vLLM worker vs the HF generate backend, batch 8 / 64 / 256
 3. where a raylign step's time goes (from the runs of 1) and weight-sync seconds for ~1M / 10M / 50M models
-4. learner memory per rank, ZeRO 0 / 2 / 3 with 1 and 2 learners, ~50M model
+4. learner memory per rank, ZeRO 0 / 2 / 3 with 1 and 2 learners, ~50M model, and LoRA rank 8 rows; one learner
+   rank's update time on ZeRO-0 / ZeRO-2 / torch, and packed against padded (`engines`)
 5. sync vs async rollout: samples/s and held-out gold reward after the same number of samples
 6. peak memory (RSS summed over the driver and every Ray process) of `make run`
 
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 PY = sys.executable
 TRL_PY = str(BENCH / ".venv-trl" / "bin" / "python")
-SECTIONS = ("grpo", "rollout", "sync", "memory", "async", "peak")
+SECTIONS = ("grpo", "rollout", "sync", "engines", "memory", "async", "peak")
 ENV = {
     **os.environ,
     "HF_HUB_OFFLINE": "1",
@@ -48,6 +49,9 @@ GRPO = {
     "tiny": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_new_tokens": 32, "steps": 8, "rounds": 3},
     "25m": {"prompts_per_step": 8, "samples_per_prompt": 8, "max_new_tokens": 32, "steps": 6, "rounds": 2},
 }
+# One more raylign run on these policies with LoRA rank 8 on the RL learners: its samples/s and its `sync/bytes`
+# (the adapter alone) against the full-parameter runs'.
+LORA = {"25m": ["lora.rank=8", "lora.stages=[rl]"]}
 COMMON = {"lr": 1e-4, "kl_coef": 0.05, "micro_batch_size": 16, "seed": 0, "eval_prompts": 8}
 WARMUP = 2
 ASYNC = {
@@ -71,7 +75,7 @@ def sh(cmd: list[str], log: Path, timeout: float = 1800, check: bool = True, ret
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
-            if line.startswith(("raylign step", "trl step", "rollout ", "sync:", "memory:", "peak memory")):
+            if line.startswith(("raylign step", "trl step", "rollout ", "sync:", "engines:", "memory:", "peak memory")):
                 print("  " + line.rstrip(), flush=True)
         proc.wait(timeout=timeout)
     if proc.returncode and check and retry:
@@ -115,6 +119,9 @@ def section_grpo(out_dir: Path, log: Path, quick: bool, short: bool = False) -> 
             order = ("raylign", "trl") if r % 2 == 0 else ("trl", "raylign")  # alternate who goes first
             for tool in order:
                 runs.append({"round": r, **grpo_run(tool, spec, out_dir, f"{name}-{tool}-{r}", log)})
+        if name in LORA:
+            lora = grpo_run("raylign", {**spec, "overrides": LORA[name]}, out_dir, f"{name}-lora", log)
+            runs.append({"round": 0, **lora, "tool": "raylign-lora"})
         result["policies"][name] = {"spec": spec, "runs": runs}
     return result
 
@@ -149,6 +156,16 @@ def section_sync(out_dir: Path, log: Path, quick: bool) -> dict:
     out = out_dir / "sync.json"
     sh([PY, "-m", "benchmarks.sync", str(out), *[f"{n}={models.policy(n)}" for n in names]], log)
     return {"models": json.loads(out.read_text())}
+
+
+def section_engines(out_dir: Path, log: Path, quick: bool) -> dict:
+    names, steps = (["tiny-init"], "2") if quick else (["tiny", "25m"], "6")
+    out = {}
+    for name in names:
+        path = out_dir / f"engines-{name}.json"
+        sh([PY, "-m", "benchmarks.engines", str(models.policy(name)), str(path), steps], log)
+        out[name] = json.loads(path.read_text())
+    return {"policies": out}
 
 
 def section_memory(out_dir: Path, log: Path, quick: bool) -> dict:
@@ -208,6 +225,7 @@ RUNNERS = {
     "grpo": section_grpo,
     "rollout": section_rollout,
     "sync": section_sync,
+    "engines": section_engines,
     "memory": section_memory,
     "async": section_async,
     "peak": section_peak,

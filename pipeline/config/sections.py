@@ -216,7 +216,11 @@ class LearnerConfig(Section):
     backend: Literal["deepspeed", "torch"] = Field(
         "deepspeed", description="Training engine: DeepSpeed ZeRO, or plain torch (fallback and fast tests)."
     )
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0,
+        description="DeepSpeed ZeRO stage. Unset or null: 0 with one learner rank (nothing to partition, and ZeRO-2 "
+        "on one rank takes the same updates more slowly), 2 with several ranks or with offload.",
+    )
     lr: float = Field(1e-4, gt=0, description="Learning rate (AdamW).")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear LR warmup, then constant LR.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
@@ -253,6 +257,16 @@ class LearnerConfig(Section):
         "PPO's critic; + the rollout workers in async mode). Ray alone would give an actor one thread per logical "
         "CPU it holds.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_zero_stage(cls, data: Any) -> Any:
+        """One rank: ZeRO-0, whose update equals ZeRO-2's without its per-micro-batch epilogue and fp32 master copy;
+        several ranks (or offload, which needs a partitioned optimizer): ZeRO-2."""
+        if isinstance(data, dict) and data.get("zero_stage") is None:
+            several = data.get("num_workers", 1) != 1 or data.get("offload", False)
+            data = {**data, "zero_stage": 2 if several else 0}
+        return data
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> LearnerConfig:

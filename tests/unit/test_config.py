@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import Config, load_config, merge_overrides, parse_override
+from pipeline.config import Config, LearnerConfig, load_config, merge_overrides, parse_override
 from pipeline.errors import ConfigError
 from tests.conftest import REPO
 
@@ -101,3 +101,13 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "given, stage",
+    [({}, 0), ({"num_workers": 2}, 2), ({"offload": True}, 2), ({"zero_stage": None}, 0), ({"zero_stage": 3}, 3)],
+)
+def test_the_zero_stage_defaults_to_0_on_one_rank_and_2_on_several(given, stage):
+    assert LearnerConfig(**given).zero_stage == stage
+    overrides = [f"learner.{k}={'null' if v is None else str(v).lower()}" for k, v in given.items()]
+    assert load_config(REPO / "configs/tiny_grpo.yaml", overrides).learner.zero_stage == stage
