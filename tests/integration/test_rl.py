@@ -117,8 +117,10 @@ def test_a_reward_the_task_never_defined_is_optimized_by_two_engines_and_two_lea
     assert summary(run_dir)["mismatch/logprob_abs_max"] <= 1e-3
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(sft_run, tmp_path):
-    overrides = ["run.max_steps=6", "run.checkpoint_every=2", "run.eval_prompts=16"]
+@pytest.mark.parametrize("lora", [[], ["lora.rank=8", "lora.stages=[rl]"]], ids=["full", "lora"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(sft_run, tmp_path, lora):
+    """LoRA: the checkpoint holds the adapters and their optimizer state without the frozen base."""
+    overrides = ["run.max_steps=6", "run.checkpoint_every=2", "run.eval_prompts=16", *lora]
     whole = run(load_config(None), resume=continue_with_rl(sft_run, tmp_path / "whole", overrides), log=lambda _: None)
     cut = continue_with_rl(sft_run, tmp_path / "cut", overrides)
     proc = subprocess.Popen(
