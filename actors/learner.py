@@ -11,7 +11,6 @@ actors/sequences.py).
 from __future__ import annotations
 
 import pickle
-import socket
 import threading
 import time
 from pathlib import Path
@@ -249,10 +248,9 @@ class PolicyLearner:
 
 def master_address() -> tuple[str, int, str]:
     """(node IP, a free port, node id) of the node this runs on: where rank 0 will listen."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port, ray.get_runtime_context().get_node_id()
+    from cluster.local import free_port
+
+    return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
 
 
 class LearnerGroup:

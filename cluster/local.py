@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,10 +26,29 @@ DEFAULT_TEMP_DIR = Path("/tmp/raylign-head")  # Ray's socket paths must stay sho
 STARTED = "Ray runtime started"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LISTEN_PORTS = (20000, 32767)  # above Ray's worker ports (10002-19999), below the usual ephemeral range
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server to start on soon. Drawn outside the kernel's ephemeral range:
+    a port bound and released inside it can go to any outgoing connection before the server binds it (the
+    learners' process group failed with EADDRINUSE that way)."""
+    low, high = LISTEN_PORTS
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        high = min(high, ephemeral - 1) if ephemeral > low else high
+    except (OSError, ValueError, IndexError):
+        pass
+    draw = random.SystemRandom()
+    for _ in range(200):
+        port = draw.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {low}-{high} on {host or 'any address'}")
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """PolicyLearner / ValueLearner as plain classes in this process (world size 1): plain torch and DeepSpeed stage 0."""
 
 import random
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from transformers import LlamaForCausalLM
 
 from actors.critic import ValueLearner
 from actors.learner import PolicyLearner
+from cluster.local import free_port
 from pipeline.algo import masked_mean
 from pipeline.batches import shard
 from pipeline.config import AlgoConfig, LearnerConfig
@@ -25,12 +25,6 @@ def make_batch(n: int, *, seed: int, vocab: int = 300) -> TrainBatch:
     )
     advantages = torch.where(r_mask, torch.randn(r_mask.shape, generator=torch.Generator().manual_seed(seed)), 0.0)
     return TrainBatch(prompts, p_mask, responses, r_mask, old_logprobs=torch.zeros(r_mask.shape), advantages=advantages)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def learner(task_dir, cls=PolicyLearner, algo: AlgoConfig | None = None, **cfg) -> PolicyLearner:

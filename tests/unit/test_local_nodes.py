@@ -1,11 +1,16 @@
 """`cluster.local.stop_node` stops only the processes of its own node: those naming the node's session dir, and the
-`ray start` process only if it names the node's temp dir (a stale pid may belong to anything by now)."""
+`ray start` process only if it names the node's temp dir (a stale pid may belong to anything by now). `free_port`
+gives ports that no outgoing connection can take before a server binds them."""
 
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from cluster.local import LocalNode, stop_node
+import pytest
+
+from cluster.local import LISTEN_PORTS, LocalNode, free_port, stop_node
 
 
 def sleeper(*args: str) -> subprocess.Popen:
@@ -27,3 +32,25 @@ def test_stop_node_kills_its_sessions_processes_and_nothing_else(tmp_path):
         for p in (ours, other_session, same_dir_not_ray, stale_pid):
             p.kill()
             p.wait()
+
+
+def test_free_ports_lie_outside_the_ephemeral_range_and_can_be_listened_on():
+    ephemeral_low, ephemeral_high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for host in ("127.0.0.1", ""):
+        for _ in range(20):
+            port = free_port(host)
+            assert LISTEN_PORTS[0] <= port <= LISTEN_PORTS[1]
+            assert not ephemeral_low <= port <= ephemeral_high
+            with socket.socket() as s:
+                s.bind((host, port))
+                s.listen()
+
+
+def test_free_port_skips_a_port_that_is_taken(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        taken.listen()
+        monkeypatch.setattr("cluster.local.LISTEN_PORTS", (busy, busy))
+        with pytest.raises(RuntimeError, match=f"no free TCP port in {busy}-{busy} on 127.0.0.1"):
+            free_port()

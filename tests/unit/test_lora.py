@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Phi3
 from actors.hf import write_adapter
 from actors.learner import PolicyLearner
 from actors.training.lora import adapter_config, adapter_weights, add_adapters, merged_weights, target_modules
+from cluster.local import free_port
 from pipeline.config import AlgoConfig, Config, LearnerConfig, LoraConfig
 from pipeline.types import TrainBatch
-from tests.unit.test_learner import free_port, make_batch, on_policy
+from tests.unit.test_learner import make_batch, on_policy
 
 LORA = LoraConfig(rank=4, alpha=8)
 

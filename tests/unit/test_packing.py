@@ -4,7 +4,6 @@ cover every sequence once and give the same update as fixed-size micro-batches."
 
 import logging
 import random
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +24,7 @@ from actors.sequences import (
     split_to,
 )
 from actors.training.update import mean_metrics
+from cluster.local import free_port
 from pipeline.algo import ppo_policy_loss, value_loss
 from pipeline.config import AlgoConfig, KLConfig, LearnerConfig
 from pipeline.tasks.tiny_models import build_causal_lm
@@ -227,12 +227,6 @@ def test_a_model_that_cannot_take_packed_positions_falls_back_with_one_log_line(
     assert "learner: padded forwards instead of packed: LlamaForCausalLM packed and padded outputs differ" in (
         caplog.records[0].getMessage()
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def updated_weights(task_dir, batch: TrainBatch, **cfg) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
