@@ -242,11 +242,7 @@ class LearnerConfig(Section):
         "and padded outputs of a probe batch must agree).",
     )
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    epochs: int = Field(
-        1,
-        ge=1,
-        description="Optimizer passes over one step's experience (RL; one update per pass) or over the data.",
-    )
+    epochs: int = Field(1, ge=1, description="Passes over one step's experience (RL: an update each) or over the data.")
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state (and params under ZeRO-3).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     cpu_threads: int = Field(
