@@ -29,16 +29,24 @@ STARTED = "Ray runtime started"
 LISTEN_PORTS = (20000, 32767)  # above Ray's worker ports (10002-19999), below the usual ephemeral range
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, for a server to start on soon. Drawn outside the kernel's ephemeral range:
-    a port bound and released inside it can go to any outgoing connection before the server binds it (the
-    learners' process group failed with EADDRINUSE that way)."""
-    low, high = LISTEN_PORTS
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default where unreadable)."""
     try:
-        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-        high = min(high, ephemeral - 1) if ephemeral > low else high
-    except (OSError, ValueError, IndexError):
-        pass
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server to start on soon, drawn outside the ephemeral range: a port
+    bound and released inside it can go to any outgoing connection before the server binds it."""
+    low, high = LISTEN_PORTS
+    ephemeral_low, ephemeral_high = ephemeral_ports()
+    if ephemeral_low <= high:
+        high = ephemeral_low - 1
+    if high < low:  # the ephemeral range starts below ours: take the ports above it
+        low, high = ephemeral_high + 1, 65535
     draw = random.SystemRandom()
     for _ in range(200):
         port = draw.randint(low, high)

@@ -39,17 +39,22 @@ def test_free_ports_lie_outside_the_ephemeral_range_and_can_be_listened_on():
     for host in ("127.0.0.1", ""):
         for _ in range(20):
             port = free_port(host)
-            assert LISTEN_PORTS[0] <= port <= LISTEN_PORTS[1]
+            assert LISTEN_PORTS[0] <= port <= LISTEN_PORTS[1]  # above Ray's worker ports
             assert not ephemeral_low <= port <= ephemeral_high
             with socket.socket() as s:
                 s.bind((host, port))
                 s.listen()
 
 
-def test_free_port_skips_a_port_that_is_taken(monkeypatch):
+def test_an_ephemeral_range_below_ours_moves_the_draw_above_it(monkeypatch):
+    monkeypatch.setattr("cluster.local.ephemeral_ports", lambda: (1024, 60999))
+    assert all(61000 <= free_port() <= 65535 for _ in range(20))
+
+
+def test_free_port_never_gives_a_taken_port_and_says_so_when_none_is_left(monkeypatch):
+    busy = free_port()
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        busy = taken.getsockname()[1]
+        taken.bind(("127.0.0.1", busy))
         taken.listen()
         monkeypatch.setattr("cluster.local.LISTEN_PORTS", (busy, busy))
         with pytest.raises(RuntimeError, match=f"no free TCP port in {busy}-{busy} on 127.0.0.1"):
