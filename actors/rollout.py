@@ -27,8 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from actors.hf import load_frozen_model, pad_token_id, write_adapter
 from pipeline.algo import token_logprobs
+from pipeline.batches import pad_left, pad_right
 from pipeline.config import RolloutConfig
-from pipeline.types import PromptBatch, Rollouts, WeightUpdate, pad_left, pad_right
+from pipeline.types import PromptBatch, Rollouts, WeightUpdate
 
 Tensor = torch.Tensor
 

@@ -4,6 +4,8 @@ Samples, every 0.5 s, the resident set size (RSS) summed over the command's proc
 local Ray it starts (GCS, raylet, every worker and actor) are all its descendants. Summed RSS counts a shared page
 (the Ray object store's shared memory, shared libraries) once per process that maps it, so it overstates the
 machine's use; the proportional set size (PSS, shared pages split among their users) is sampled every 5 s beside it.
+The result also names the processes at the RSS peak (Ray's process title, e.g. `ray::IDLE`, `ray::Feed`, and RSS),
+largest first, so a regression points at its process.
 """
 
 from __future__ import annotations
@@ -35,6 +37,19 @@ def rss(procs: list[psutil.Process]) -> int:
     return total
 
 
+def breakdown(procs: list[psutil.Process]) -> list[dict]:
+    """[{"name", "rss_mib"}] of each process, largest first; `name` is the title Ray sets (`ray::Role.method`)
+    or the command's first two words."""
+    rows = []
+    for p in procs:
+        try:
+            words = p.cmdline() or [p.name()]
+            rows.append({"name": " ".join(words[:2])[:80], "rss_mib": round(p.memory_info().rss / 2**20)})
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return sorted(rows, key=lambda r: -r["rss_mib"])
+
+
 def pss(procs: list[psutil.Process]) -> int:
     total = 0
     for p in procs:
@@ -49,6 +64,7 @@ def main(out: str, *cmd: str) -> None:
     start = time.time()
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     peak = {"rss": 0, "pss": 0, "processes": 0, "rss_at": 0.0}
+    at_peak: list[dict] = []
     tail: list[str] = []
     last_pss = 0.0
     import threading
@@ -66,6 +82,7 @@ def main(out: str, *cmd: str) -> None:
         r = rss(procs)
         if r > peak["rss"]:
             peak.update(rss=r, rss_at=time.time() - start, processes=len(procs))
+            at_peak = breakdown(procs)
         if time.time() - last_pss >= 5:
             peak["pss"] = max(peak["pss"], pss(procs))
             last_pss = time.time()
@@ -79,6 +96,7 @@ def main(out: str, *cmd: str) -> None:
         "peak_rss_at_s": peak["rss_at"],
         "processes_at_peak": peak["processes"],
         "peak_pss_bytes": peak["pss"],
+        "processes_at_peak_rss": at_peak,
         "output_tail": tail,
     }
     Path(out).write_text(json.dumps(result, indent=1))

@@ -6,7 +6,7 @@ actors share it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -72,3 +72,20 @@ def concat_batches(batches: list[Batch]) -> Batch:
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return map_fields(batch, lambda v: v.to(device) if isinstance(v, Tensor) else v)
+
+
+def pad_right(rows: Sequence[Sequence[int | float]], pad: int | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Ragged rows -> (values [B, T], mask [B, T]) padded on the right; T = longest row (at least 1)."""
+    width = max([len(r) for r in rows] + [1])
+    values = torch.full((len(rows), width), pad, dtype=dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        values[i, : len(r)] = torch.tensor(r, dtype=dtype)
+        mask[i, : len(r)] = True
+    return values, mask
+
+
+def pad_left(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Ragged token rows -> (ids [B, Tp], mask [B, Tp]) padded on the left, so every prompt ends at column Tp-1."""
+    ids, mask = pad_right([r[::-1] for r in rows], pad, torch.long)
+    return ids.flip(1), mask.flip(1)

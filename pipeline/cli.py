@@ -18,9 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.console import cpu_accelerator_without_a_gpu
     from pipeline.tasks.synthetic import write_task
 
     cfg = load_config(args.config, args.overrides)
+    cpu_accelerator_without_a_gpu()
     write_task(Path(args.out), cfg.synth, seed=args.seed if args.seed is not None else cfg.run.seed)
     print(Path(args.out).resolve())
     return 0
@@ -58,11 +60,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.console import set_verbose
+    from pipeline.console import cpu_accelerator_without_a_gpu, set_verbose
     from pipeline.run import Interrupted, run
 
     cfg = load_config(args.config, args.overrides)
     set_verbose(args.verbose)
+    cpu_accelerator_without_a_gpu()
     try:
         run_dir = run(cfg, resume=Path(args.resume) if args.resume else None)
     except Interrupted as e:
@@ -74,10 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.console import cpu_accelerator_without_a_gpu
     from pipeline.run import Interrupted
     from pipeline.sweep import sweep
 
     cfg = load_config(args.config, args.overrides)
+    cpu_accelerator_without_a_gpu()
     try:
         sweep_dir = sweep(cfg, resume=Path(args.resume) if args.resume else None)
     except Interrupted as e:

@@ -27,6 +27,17 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+def cpu_accelerator_without_a_gpu() -> None:
+    """Without a CUDA GPU, `DS_ACCELERATOR=cpu` (unless set): DeepSpeed's choice when it detects none, made up front.
+    transformers' `save_pretrained` imports DeepSpeed (through accelerate) even in the driver, and DeepSpeed's
+    detection prints a WARNING line of its own to stdout in every process, past the quiet console; set before Ray
+    starts, the variable reaches the local workers too."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def set_verbose(on: bool) -> None:
     """`--verbose`: also for the processes started from here (the env var is inherited)."""
     if on:

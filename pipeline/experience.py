@@ -23,9 +23,9 @@ from pipeline.algo import (
     reinforce_pp_advantages,
     shaped_token_rewards,
 )
-from pipeline.batches import shard
+from pipeline.batches import pad_left, pad_right, shard
 from pipeline.config import AlgoConfig
-from pipeline.types import Rollouts, TrainBatch, pad_left, pad_right
+from pipeline.types import Rollouts, TrainBatch
 
 Tensor = torch.Tensor
 

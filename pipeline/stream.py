@@ -15,6 +15,8 @@ from the prompts to the learners.
   backpressure bounds what is in flight. The driver never holds the experience, only the chunk counts.
 - Advantages are computed per chunk. Group baselines (GRPO, RLOO) only look inside a prompt's group, so they
   are exact; the whitening of REINFORCE++ and PPO runs over the chunk rather than the whole step.
+- Only the map tasks (and the learners) import torch: the Feed actor, the read task and the split coordinator
+  load this module and pipeline/types.py, and neither imports it (tests/unit/test_stream_imports.py).
 - `streaming_split` hands rows to the ranks greedily by rows received. Every chunk is one row and every rank
   takes exactly chunks/W rows per step (the learners then meet in the gradient all-reduce), so each rank gets
   W-th of this step's chunks and never one of the next step's.
@@ -34,7 +36,6 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import AlgoConfig
-from pipeline.experience import Chunk, chunk_experience
 from pipeline.types import ExperienceItem, PromptBatch
 
 CHUNK_SEED_STRIDE = 1000  # chunk c samples prompt i with seed + c * stride + i
@@ -134,6 +135,9 @@ def _reference(block: pa.Table, workers: list, critics: list) -> pa.Table:
 
 
 def _advantages(block: pa.Table, algo: AlgoConfig, gold_reward: str | None) -> pa.Table:
+    # here, not at the top: the module's other processes (Feed, read task, split coordinator) stay torch-free
+    from pipeline.experience import Chunk, chunk_experience
+
     def fn(item: ExperienceItem) -> None:
         if item.rollouts is None or item.scores is None or item.ref_logprobs is None:
             raise RuntimeError(f"step {item.step} chunk {item.chunk} reached the advantage stage unscored")

@@ -1,18 +1,19 @@
 """The data that crosses actor boundaries: typed dataclasses of CPU tensors, in the one RL vocabulary.
 
+No torch at import (only for type checking): the processes that only route this data (the experience stream's
+Feed actor, read task and split coordinator) unpickle these classes and must not pay for torch.
+
 Shape letters: B sequences (B = P * G, the G samples of one prompt consecutive), P prompts, G samples per prompt,
 Tp prompt tokens (left-padded), T response tokens (right-padded). Masks are bool tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -123,23 +124,6 @@ class Restart:
 
 
 LoopEvent = StepRow | EvalRow | Restart
-
-
-def pad_right(rows: Sequence[Sequence[int | float]], pad: int | float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Ragged rows -> (values [B, T], mask [B, T]) padded on the right; T = longest row (at least 1)."""
-    width = max([len(r) for r in rows] + [1])
-    values = torch.full((len(rows), width), pad, dtype=dtype)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        values[i, : len(r)] = torch.tensor(r, dtype=dtype)
-        mask[i, : len(r)] = True
-    return values, mask
-
-
-def pad_left(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    """Ragged token rows -> (ids [B, Tp], mask [B, Tp]) padded on the left, so every prompt ends at column Tp-1."""
-    ids, mask = pad_right([r[::-1] for r in rows], pad, torch.long)
-    return ids.flip(1), mask.flip(1)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from actors.scoring import choose_score_layout, reward_model_inputs, score_lengt
 from actors.sequences import choose_layout, lengths_of
 from actors.training.engine import TrainEngine
 from pipeline.algo import bt_loss, demo_discriminator_loss, dpo_loss, pair_logprobs, sft_loss
+from pipeline.batches import pad_left, pad_right
 from pipeline.config import DpoConfig
-from pipeline.types import pad_left, pad_right
 
 Tensor = torch.Tensor
 

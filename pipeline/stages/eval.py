@@ -40,8 +40,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import plot_best_of_n, plot_calibration, plot_gao
 from pipeline.stages.context import StageContext
 from pipeline.stages.eval_workers import EvalWorkers, Samples
-from pipeline.stages.evaluation import preference_margins
-from pipeline.stages.heldout import heldout_rows, remote, unique
+from pipeline.stages.heldout import heldout_rows, score_pairs, unique
 
 Tensor = torch.Tensor
 EVAL_JSON = "eval.json"
@@ -221,7 +220,8 @@ def calibration(ctx: StageContext) -> dict[str, Any]:
         return {}
     rows = eval_rows(ctx, "preferences", Path(dirs[0]))
     columns = ([r[c] for r in rows] for c in ("prompt", "chosen", "rejected"))
-    margins = remote(preference_margins, dirs, cfg.reward, *columns)  # [K, B]
+    chosen, rejected = score_pairs(ctx.log, "eval: calibration, scoring the pairs", dirs, cfg.reward, *columns)
+    margins = chosen - rejected  # [K, B]
     margin, disagreement = ensemble_mean_std(margins)
     correct = win_outcomes(margin, torch.zeros_like(margin))
     bins = cfg.eval.calibration_bins

@@ -1,6 +1,7 @@
-"""Small evaluations of the offline stages and the `eval` stage, run as Ray tasks: gold reward of policy samples,
-and held-out preference accuracy and margins of reward models. They reuse the roles' own code paths (the HF rollout
-engine, the reward-model scorer), so what is measured is what the RL stage will see."""
+"""Small evaluations of the offline stages and the `eval` stage, run as Ray tasks: gold reward of policy samples
+and DPO's implicit-reward accuracy; and reward models' held-out preference accuracy from their scores. They reuse
+the roles' own code paths (the HF rollout engine, the reward-model scorer), so what is measured is what the RL stage
+will see."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.hf import load_frozen_model
-from actors.reward import ModelScorer, gold_scores
+from actors.reward import gold_scores
 from actors.rollout import RolloutWorker
 from actors.sequences import response_logprobs
 from actors.training.objectives import pair_sequence_batch
 from pipeline.algo import ensemble_mean_std, pair_accuracy, pair_logprobs
-from pipeline.config import RewardConfig, RolloutConfig
+from pipeline.config import RolloutConfig
 from pipeline.types import PromptBatch
 
 Tensor = torch.Tensor
@@ -34,25 +35,12 @@ def sample_gold(
     return gold_scores(gold, rollouts.prompts, rollouts.responses)
 
 
-def preference_accuracy(
-    model_dirs: list[str], reward: RewardConfig, prompts: list[str], chosen: list[str], rejected: list[str]
-) -> dict[str, float]:
-    """Held-out accuracy of each of K reward models and of their ensemble mean (the reward RL optimizes), scored
-    as `reward` configures the RL stage's scorer (micro-batches, packing)."""
-    scorer = ModelScorer.from_config(reward, [Path(d) for d in model_dirs])
-    chosen_scores, rejected_scores = scorer.score(prompts, chosen), scorer.score(prompts, rejected)  # [K, B]
-    members = [pair_accuracy(c, r).item() for c, r in zip(chosen_scores, rejected_scores, strict=True)]
-    ensemble = pair_accuracy(ensemble_mean_std(chosen_scores)[0], ensemble_mean_std(rejected_scores)[0]).item()
+def preference_accuracy(chosen: Tensor, rejected: Tensor) -> dict[str, float]:
+    """Held-out accuracy of each of K reward models and of their ensemble mean (the reward RL optimizes) from
+    their scores of the pairs' chosen and rejected responses ([K, B] each, `heldout.score_pairs`)."""
+    members = [pair_accuracy(c, r).item() for c, r in zip(chosen, rejected, strict=True)]
+    ensemble = pair_accuracy(ensemble_mean_std(chosen)[0], ensemble_mean_std(rejected)[0]).item()
     return {"member_mean": sum(members) / len(members), "ensemble": ensemble}
-
-
-def preference_margins(
-    model_dirs: list[str], reward: RewardConfig, prompts: list[str], chosen: list[str], rejected: list[str]
-) -> Tensor:
-    """reward(chosen) - reward(rejected) of each of K reward models on B labelled pairs: [K, B], scored by the RL
-    stage's own scorer."""
-    scorer = ModelScorer.from_config(reward, [Path(d) for d in model_dirs])
-    return scorer.score(prompts, chosen) - scorer.score(prompts, rejected)
 
 
 def implicit_reward_accuracy(

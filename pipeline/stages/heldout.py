@@ -1,19 +1,25 @@
 """Held-out data and the measurements made on it, for every stage that judges a model (sft, reward, dpo, eval) and
-for the RL loop's held-out prompts: the one reader of a data file's test split, the unique prompts of its rows, and
-`remote`, which runs a measurement as a one-CPU Ray task. `row_check` and `quiet` serve the train-split reader
-(`offline.train_dataset`) too.
+for the RL loop's held-out prompts: the one reader of a data file's test split, the unique prompts of its rows,
+`remote`, which runs a measurement as a one-CPU Ray task, and `score_pairs`, reward models' scores of labelled
+pairs with progress lines. `row_check` and `quiet` serve the train-split reader (`offline.train_dataset`) too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import ray
+import torch
 
+from actors.reward import ModelScorer
+from pipeline.config import RewardConfig
 from pipeline.data import RowCheck, read_dataset
+from pipeline.progress import EVERY_S, Ticker
 from pipeline.stages.context import StageContext
+
+PAIRS_PER_CALL = 1024  # score_pairs: pairs per call to its scorer actor, the unit its progress lines count
 
 
 def heldout_rows(
@@ -63,5 +69,41 @@ def unique(items: list[str]) -> list[str]:
 
 def remote(fn: Callable, *args, **kwargs):
     """Run `fn` as a one-CPU Ray task and wait for it: measurements that load a model stay off the driver's
-    process."""
-    return ray.get(ray.remote(num_cpus=1)(fn).remote(*args, **kwargs))
+    process, and the worker exits after it (`max_calls=1`), so the model and the engines it imported do not stay in
+    an idle worker for the rest of the run."""
+    return ray.get(ray.remote(num_cpus=1, max_calls=1)(fn).remote(*args, **kwargs))
+
+
+def score_pairs(
+    log: Callable[[str], None],
+    what: str,
+    model_dirs: Sequence[str],
+    reward: RewardConfig,
+    prompts: list[str],
+    chosen: list[str],
+    rejected: list[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K reward models' scores of B labelled pairs' chosen and rejected responses, [K, B] each, scored as
+    `reward` configures the RL stage's scorer (micro-batches, packing). One one-CPU actor loads the models once and
+    takes the pairs `PAIRS_PER_CALL` at a time; `log` gets `what` with pairs done / total, rate and ETA every 20 s.
+    The actor ends with the call."""
+    scorer = ray.remote(num_cpus=1)(ModelScorer).remote(
+        [Path(d) for d in model_dirs],
+        reward.micro_batch_size,
+        packing=reward.packing,
+        max_tokens_per_micro_batch=reward.max_tokens_per_micro_batch,
+    )
+    try:
+        parts = [(start, min(start + PAIRS_PER_CALL, len(prompts))) for start in range(0, len(prompts), PAIRS_PER_CALL)]
+        # one call a part, its chosen then its rejected responses; the actor takes its calls in order
+        refs = {scorer.score.remote(prompts[a:b] * 2, chosen[a:b] + rejected[a:b]): (a, b) for a, b in parts}
+        ticker, pending, done = Ticker(log, what, len(prompts), "pairs", EVERY_S), list(refs), 0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=EVERY_S)
+            done += sum(b - a for a, b in (refs[r] for r in ready))
+            ticker.update(done)
+        scores = [ray.get(r) for r in refs]  # [K, 2 * part] each: the part's chosen, then its rejected
+        halves = [s.chunk(2, dim=1) for s in scores]
+        return torch.cat([c for c, _ in halves], 1), torch.cat([r for _, r in halves], 1)
+    finally:
+        ray.kill(scorer)

@@ -23,7 +23,7 @@ import ray
 from actors.training.offline import reward_loop
 from pipeline.stages.context import StageContext
 from pipeline.stages.evaluation import preference_accuracy
-from pipeline.stages.heldout import heldout_rows, quiet, remote
+from pipeline.stages.heldout import heldout_rows, quiet, score_pairs
 from pipeline.stages.offline import (
     demonstration_pairs,
     fit,
@@ -70,7 +70,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     test = heldout_rows(ctx, "preferences", init, unsplit="none")
     if test:
         columns = ([r[c] for r in test] for c in ("prompt", "chosen", "rejected"))
-        acc = remote(preference_accuracy, member_dirs, cfg.reward, *columns)
+        scores = score_pairs(ctx.log, "reward: scoring the held-out pairs", member_dirs, cfg.reward, *columns)
+        acc = preference_accuracy(*scores)
         summary["rm/heldout_accuracy"] = acc["ensemble"]
         summary["rm/heldout_accuracy_members"] = acc["member_mean"]
         ctx.log(

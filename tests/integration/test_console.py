@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 # Messages of Ray, Ray Train/Data, vLLM and DeepSpeed that used to fill the console (issue 19).
 LIBRARY_LINE = re.compile(
     r"Failed to query Ray Train Controller|streaming_executor|logging_progress|Token authentication|"
-    r"set_num_threads|\bpid=\d+|WARNING \d\d-\d\d|\[rank\d\]|core_worker\.cc|DeepSpeed|ds_accelerator|raylet"
+    r"set_num_threads|\bpid=\d+|WARNING \d\d-\d\d|\[rank\d\]|core_worker\.cc|DeepSpeed|ds_accelerator|raylet|"
+    r"real_accelerator|\] \[(DEBUG|INFO|WARNING|ERROR)\] \["  # DeepSpeed's own format: [time] [LEVEL] [file:line:fn]
 )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from actors.reward import ModelScorer
 from pipeline.algo import best_of_n_kl
 from pipeline.config import load_config
 from pipeline.metrics import plot_calibration
@@ -99,8 +100,10 @@ def test_calibration_of_a_two_member_ensemble(trained_run, tmp_path):
         assert mirror["count"] == b["count"] and mirror["frequency"] == pytest.approx(1 - b["frequency"])
     # The accuracy is the one the reward stage reports for the same ensemble.
     rows = eval_stage.eval_rows(ctx, "preferences", task / "models/reward")
-    columns = ([r[c] for r in rows] for c in ("prompt", "chosen", "rejected"))
-    assert cal["accuracy"]["mean"] == pytest.approx(preference_accuracy(members, cfg.reward, *columns)["ensemble"])
+    prompts, chosen, rejected = ([r[c] for r in rows] for c in ("prompt", "chosen", "rejected"))
+    scorer = ModelScorer.from_config(cfg.reward, members)  # in process, in one piece: not the stage's scorer actor
+    accuracy = preference_accuracy(scorer.score(prompts, chosen), scorer.score(prompts, rejected))
+    assert cal["accuracy"]["mean"] == pytest.approx(accuracy["ensemble"])
     assert len(cal["disagreement"]) == cfg.eval.calibration_bins
     stds = [r["std"] for r in cal["disagreement"]]
     assert stds == sorted(stds) and stds[0] > 0 and all(0 <= r["error"] <= 1 for r in cal["disagreement"])

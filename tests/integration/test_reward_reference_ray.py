@@ -63,3 +63,20 @@ def test_errors_cross_the_actor_boundary_with_their_type(local_ray):
     local_ray.kill(actor)
     with pytest.raises(ConfigError, match="reward.function"):
         spawn(local_ray, RewardWorker, RewardConfig(function="no_such_module_xyz:f"), [])
+
+
+def test_score_pairs_in_parts_equals_one_plain_scoring(local_ray, task_dir, monkeypatch):
+    """The held-out pair scoring of the reward and eval stages: an actor that takes the pairs in parts (here 5
+    pairs a part, the last one short) gives the scores of one in-process scoring, in the pairs' order."""
+    from actors.reward import ModelScorer
+    from pipeline.stages import heldout
+
+    monkeypatch.setattr(heldout, "PAIRS_PER_CALL", 5)
+    prompts, chosen = sample_texts(23, seed=3)
+    _, rejected = sample_texts(23, seed=4)
+    cfg, dirs = RewardConfig(micro_batch_size=4), [str(task_dir / "models/reward")] * 2
+    got_chosen, got_rejected = heldout.score_pairs(print, "scoring", dirs, cfg, prompts, chosen, rejected)
+    plain = ModelScorer.from_config(cfg, dirs)
+    assert got_chosen.shape == got_rejected.shape == (2, 23)
+    torch.testing.assert_close(got_chosen, plain.score(prompts, chosen), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_rejected, plain.score(prompts, rejected), atol=1e-5, rtol=0)

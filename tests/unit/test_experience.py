@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.algo import gae, grpo_advantages, masked_whiten, reinforce_pp_advantages, rloo_advantages
-from pipeline.batches import concat_batches
+from pipeline.batches import concat_batches, pad_left, pad_right
 from pipeline.config import AlgoConfig
 from pipeline.experience import (
     Chunk,
@@ -14,7 +14,7 @@ from pipeline.experience import (
     make_train_batches,
     stage_seconds,
 )
-from pipeline.types import Rollouts, pad_left, pad_right
+from pipeline.types import Rollouts
 
 GOLD = "pipeline.tasks.synthetic:gold_reward"
 

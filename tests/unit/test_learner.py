@@ -10,9 +10,9 @@ from actors.critic import ValueLearner
 from actors.learner import PolicyLearner
 from cluster.local import free_port
 from pipeline.algo import masked_mean
-from pipeline.batches import shard
+from pipeline.batches import pad_left, pad_right, shard
 from pipeline.config import AlgoConfig, LearnerConfig
-from pipeline.types import TrainBatch, pad_left, pad_right
+from pipeline.types import TrainBatch
 
 
 def make_batch(n: int, *, seed: int, vocab: int = 300) -> TrainBatch:

@@ -26,9 +26,10 @@ from actors.sequences import (
 from actors.training.update import mean_metrics
 from cluster.local import free_port
 from pipeline.algo import ppo_policy_loss, value_loss
+from pipeline.batches import pad_left, pad_right
 from pipeline.config import AlgoConfig, KLConfig, LearnerConfig
 from pipeline.tasks.tiny_models import build_causal_lm
-from pipeline.types import TrainBatch, pad_left, pad_right
+from pipeline.types import TrainBatch
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 PADDED = LAYOUTS["padded"]

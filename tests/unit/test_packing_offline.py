@@ -34,9 +34,9 @@ from actors.training.objectives import (
 )
 from actors.training.offline import offline_plan, offline_update
 from pipeline.algo import bt_loss
+from pipeline.batches import pad_left, pad_right
 from pipeline.config import DpoConfig, LearnerConfig
 from pipeline.tasks.tiny_models import build_causal_lm
-from pipeline.types import pad_left, pad_right
 from tests.unit.test_packing import assert_same_grads, grads
 
 ARCHS = ["llama", "qwen2", "gpt2"]

@@ -10,9 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.reference import ReferenceWorker
 from actors.sequences import response_logprobs
+from pipeline.batches import pad_left, pad_right
 from pipeline.config import ReferenceConfig
 from pipeline.tasks.language import sample_prompt, sample_response
-from pipeline.types import Rollouts, pad_left, pad_right
+from pipeline.types import Rollouts
 
 
 def sample_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
