@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from pipeline import checkpoint
 from pipeline.config import Config, RolloutConfig
 from pipeline.errors import RunFailure
 from pipeline.experience import combine_metrics
+from pipeline.progress import get_with_progress
 from pipeline.stages.context import StageContext
 from pipeline.stream import CHUNK_SEED_STRIDE, ExperienceStream
 from pipeline.types import PromptBatch
@@ -143,14 +145,17 @@ class Roles:
 
     @classmethod
     def start(cls, cfg: Config, ctx: StageContext) -> Roles:
+        start = time.perf_counter()
         roles = cls(cfg, ctx)
         actors = roles.rollouts + roles.rewards + roles.references
         pending = [a.setup.remote() for a in actors]
         groups = [g for g in (roles.learners, roles.critic) if g is not None]
+        ctx.log(f"rl: starting {len(actors) + sum(len(g.actors) for g in groups)} actors (engines, models, learners)")
         for group in groups:
             group.setup()
-        ray.get(pending)
+        get_with_progress(pending, ctx.log, "rl: starting the rollout, reward and reference actors:", "ready")
         roles.open_stream()
+        ctx.log(f"rl: actors ready ({time.perf_counter() - start:.0f}s)")
         return roles
 
     def open_stream(self) -> None:

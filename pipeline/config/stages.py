@@ -185,7 +185,13 @@ class IrlConfig(Section):
     init: Literal["task", "policy"] = Field(
         "policy",
         description="Start the discriminator from `policy`: the policy before the stage with a new one-label head, "
-        "or `task`: the synthetic task's random-init reward model. Later rounds continue from the last round's.",
+        "or `task`: the synthetic task's random-init reward model.",
+    )
+    discriminator: Literal["continue", "fresh"] = Field(
+        "continue",
+        description="Rounds after the first: `continue` trains the last round's discriminator further; `fresh` "
+        "trains a new one from `irl.init` (its epochs from scratch on the round's pairs: a weaker discriminator "
+        "each round, which the RL steps cannot exploit as far).",
     )
     replay_rounds: int = Field(
         3,

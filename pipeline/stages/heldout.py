@@ -85,14 +85,15 @@ def score_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The K reward models' scores of B labelled pairs' chosen and rejected responses, [K, B] each, scored as
     `reward` configures the RL stage's scorer (micro-batches, packing). One one-CPU actor loads the models once and
-    takes the pairs `PAIRS_PER_CALL` at a time; `log` gets `what` with pairs done / total, rate and ETA every 20 s.
-    The actor ends with the call."""
+    takes the pairs `PAIRS_PER_CALL` at a time; `log` gets `what` with the pair count at the start, then pairs done
+    / total, rate and ETA every 20 s. The actor ends with the call."""
     scorer = ray.remote(num_cpus=1)(ModelScorer).remote(
         [Path(d) for d in model_dirs],
         reward.micro_batch_size,
         packing=reward.packing,
         max_tokens_per_micro_batch=reward.max_tokens_per_micro_batch,
     )
+    log(f"{what}: {len(prompts)} pairs, {len(model_dirs)} model(s)")
     try:
         parts = [(start, min(start + PAIRS_PER_CALL, len(prompts))) for start in range(0, len(prompts), PAIRS_PER_CALL)]
         # one call a part, its chosen then its rejected responses; the actor takes its calls in order

@@ -12,7 +12,8 @@ Each of `irl.rounds` rounds:
 `irl.method: afd` does steps 1-2 in round 1 only (a reward from demonstrations against the initial policy, Sun &
 van der Schaar 2024) and step 3 in every round.
 
-Round 1 starts the discriminator from `irl.init`; later rounds continue the last one. What differs from the
+Round 1 starts the discriminator from `irl.init`; later rounds continue the last one (`irl.discriminator:
+continue`) or start from `irl.init` again (`fresh`). What differs from the
 papers: the discriminator sees whole responses (one step per episode, as a reward model does), not per-token
 transitions, and it is refit on fresh samples each round instead of one step per policy step.
 
@@ -92,7 +93,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
             pairs = demonstration_pairs(
                 demos, samples, earlier_samples(ctx, k, irl.replay_rounds), seed=cfg.run.seed + k
             )
-            disc, disc_metrics = update_discriminator(ctx, k, disc, pairs)
+            fresh = k == 1 or irl.discriminator == "fresh"
+            disc, disc_metrics = update_discriminator(
+                ctx, k, initial_discriminator(ctx) if fresh else disc, pairs, fresh
+            )
             # step 3. RL steps against the current reward (standardized on this round's data), from the current policy
             scale = reward_scale(cfg, disc, demos, samples) if irl.standardize_reward else 1.0
             policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, reference, scale)
@@ -153,12 +157,14 @@ def last_kl(ctx: StageContext, k: int) -> float | None:
     return steps[-1].metrics.get("kl/ref") if steps else None
 
 
-def update_discriminator(ctx: StageContext, k: int, init: str, rows: list[dict]) -> tuple[str, dict[str, float]]:
-    """Train the reward model from `init` on (demonstration, policy sample) rows; -> (the new model's dir, its
-    last-epoch metrics)."""
+def update_discriminator(
+    ctx: StageContext, k: int, init: str, rows: list[dict], new_head: bool
+) -> tuple[str, dict[str, float]]:
+    """Train the reward model from `init` (with a new score head if `new_head`) on (demonstration, policy sample)
+    rows; -> (the new model's dir, its last-epoch metrics)."""
     out = ctx.stage_dir("irl") / f"round-{k}" / "discriminator"
     job = offline_job(
-        ctx, "irl", "irl", init_dir=init, tokenizer_dir=init, out_dir=out, pair_loss="discriminator", new_head=k == 1
+        ctx, "irl", "irl", init_dir=init, tokenizer_dir=init, out_dir=out, pair_loss="discriminator", new_head=new_head
     )
     job = replace(job, seed=ctx.cfg.run.seed + k)  # a new data order per round
     records = fit(

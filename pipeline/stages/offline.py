@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -107,9 +108,15 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
         datasets=datasets,
     )
     printer.start()
+    # Ray Train's fit puts a SIGINT handler of its own in the main thread and leaves it there, holding its controller
+    # actor: the run's handler (stop at a clean point) would be gone for the later stages, and the finished
+    # controller (~570 MiB) would live to the end of the run. The run's handler goes back after fit.
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
         done.set()
         printer.join()
         ray.kill(queue.actor)

@@ -36,9 +36,20 @@ def sft_run(tmp_path_factory):
     cfg = load_config(
         REPO / "configs/tiny_grpo.yaml", ["stages=[synth, sft]", f"run.output_dir={tmp_path_factory.mktemp('runs')}"]
     )
-    run_dir = run(cfg, log=lambda _: None)
+    run_dir = run(cfg, log=lambda _: SIGINT_AT_EACH_LINE.append(signal.getsignal(signal.SIGINT)))
     yield run_dir
     ray.shutdown()
+
+
+SIGINT_AT_EACH_LINE: list = []  # the SIGINT handler in place when sft_run printed each of its lines
+
+
+def test_ctrl_c_stays_a_clean_stop_after_a_ray_train_stage(sft_run):
+    """Ray Train's fit installs a SIGINT handler of its own; the run's (stop at the next clean point) must be back
+    for the stages after it: here the last line of the run, printed after the sft stage's fit."""
+    from pipeline.run import StopRequest
+
+    assert isinstance(SIGINT_AT_EACH_LINE[-1], StopRequest), SIGINT_AT_EACH_LINE[-1]
 
 
 def continue_with_rl(base: Path, dest: Path, overrides: list[str]) -> Path:

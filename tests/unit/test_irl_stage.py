@@ -77,3 +77,10 @@ def test_irl_method_is_adversarial_or_afd():
     assert load_config(None, ["irl.method=afd"]).irl.method == "afd"
     with pytest.raises(ConfigError, match="irl.method"):
         load_config(None, ["irl.method=gail"])
+
+
+def test_irl_discriminator_continues_or_starts_fresh_each_round():
+    assert load_config(None).irl.discriminator == "continue"
+    assert load_config(None, ["irl.discriminator=fresh"]).irl.discriminator == "fresh"
+    with pytest.raises(ConfigError, match="irl.discriminator"):
+        load_config(None, ["irl.discriminator=reset"])
