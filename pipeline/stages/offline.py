@@ -110,7 +110,7 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
     printer.start()
     # Ray Train's fit puts a SIGINT handler of its own in the main thread and leaves it there, holding its controller
     # actor: the run's handler (stop at a clean point) would be gone for the later stages, and the finished
-    # controller (~570 MiB) would live to the end of the run. The run's handler goes back after fit.
+    # controller would live to the end of the run. The run's handler goes back after fit.
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()

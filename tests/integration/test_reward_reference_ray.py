@@ -65,7 +65,7 @@ def test_errors_cross_the_actor_boundary_with_their_type(local_ray):
         spawn(local_ray, RewardWorker, RewardConfig(function="no_such_module_xyz:f"), [])
 
 
-def test_score_pairs_in_parts_equals_one_plain_scoring(local_ray, task_dir, monkeypatch):
+def test_score_pairs_in_parts_equals_one_plain_scoring(local_ray, task_dir, monkeypatch, tmp_path):
     """The held-out pair scoring of the reward and eval stages: an actor that takes the pairs in parts (here 5
     pairs a part, the last one short) gives the scores of one in-process scoring, in the pairs' order."""
     from actors.reward import ModelScorer
@@ -74,7 +74,13 @@ def test_score_pairs_in_parts_equals_one_plain_scoring(local_ray, task_dir, monk
     monkeypatch.setattr(heldout, "PAIRS_PER_CALL", 5)
     prompts, chosen = sample_texts(23, seed=3)
     _, rejected = sample_texts(23, seed=4)
-    cfg, dirs = RewardConfig(micro_batch_size=4), [str(task_dir / "models/reward")] * 2
+    from pipeline.tasks.tiny_models import build_reward_model
+
+    second = tmp_path / "member-1"  # another random-init reward model: the members' rows must not swap
+    tokenizer = AutoTokenizer.from_pretrained(task_dir / "models/reward")
+    build_reward_model(tokenizer, hidden_size=64, layers=1, seed=5).save_pretrained(second)
+    tokenizer.save_pretrained(second)
+    cfg, dirs = RewardConfig(micro_batch_size=4), [str(task_dir / "models/reward"), str(second)]
     got_chosen, got_rejected = heldout.score_pairs(print, "scoring", dirs, cfg, prompts, chosen, rejected)
     plain = ModelScorer.from_config(cfg, dirs)
     assert got_chosen.shape == got_rejected.shape == (2, 23)

@@ -1,6 +1,6 @@
 """The experience stream's routing processes stay torch-free: the Feed actor, the read task and the split
-coordinator load pipeline.stream and unpickle the chunks' payload classes (pipeline.types), and importing torch
-there would cost each of them about 380 MiB (benchmarks/peak_memory.py's per-process breakdown)."""
+coordinator load pipeline.stream and unpickle the chunks' payload classes (pipeline.types), and neither may import
+torch, which would put its memory in each of those processes."""
 
 from __future__ import annotations
 
