@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +60,15 @@ class DataReport:
     duplicates: list[tuple[int, int]] = field(default_factory=list)  # (row, first row with the same values)
     lengths: dict[str, list[int]] = field(default_factory=dict)
     length_unit: str = "tokens"
+    splits: Counter[str | None] = field(default_factory=Counter)  # good rows by `split` (None: the row has none)
 
     @property
     def good_rows(self) -> int:
         return self.rows - len(self.bad)
+
+    def rows_of_split(self, split: str) -> int:
+        """The good rows that read_dataset(split=split) streams: that split's, and every row without a split."""
+        return self.splits[split] + self.splits[None]
 
     def length_stats(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -109,6 +115,18 @@ class RowCheck:
 
     def __call__(self, record: dict[str, Any]) -> tuple[dict[str, str], dict[str, int]] | str:
         """-> (clean row, token length per column), or the reason the record is bad."""
+        row = self.clean(record)
+        if isinstance(row, str):
+            return row
+        lengths = {c: self._length(c, row[c]) for c in COLUMNS[self.kind]}
+        if self.tokenizer is not None:
+            for column, n in lengths.items():
+                if n > self.limits[column]:
+                    return f"{column} has {n} tokens; the limit is {self.limits[column]}"
+        return row, lengths
+
+    def clean(self, record: dict[str, Any]) -> dict[str, str] | str:
+        """-> the clean string columns (and split) of a record, or the reason it is bad; lengths unchecked."""
         row: dict[str, str] = {}
         for column in COLUMNS[self.kind]:
             value = record.get(column)
@@ -124,12 +142,7 @@ class RowCheck:
             if record["split"] not in SPLITS:
                 return f"split is {record['split']!r}; expected one of {', '.join(SPLITS)}"
             row["split"] = record["split"]
-        lengths = {c: self._length(c, row[c]) for c in COLUMNS[self.kind]}
-        if self.tokenizer is not None:
-            for column, n in lengths.items():
-                if n > self.limits[column]:
-                    return f"{column} has {n} tokens; the limit is {self.limits[column]}"
-        return row, lengths
+        return row
 
     def _text(self, column: str, value: Any, present: bool) -> tuple[str] | str:
         if not present:
@@ -264,6 +277,7 @@ def check_file(path: Path, check: RowCheck) -> DataReport:
             report.bad.append(BadRow(row, result, line))
             continue
         clean, lengths = result
+        report.splits[clean.get("split")] += 1
         for column, n in lengths.items():
             report.lengths[column].append(n)
         digest = hashlib.blake2b(json.dumps(clean, sort_keys=True).encode(), digest_size=16).digest()
@@ -302,27 +316,51 @@ def enforce(report: DataReport, on_bad_rows: str, log=print) -> None:
 
 
 class _CheckedRows(FileBasedDatasource):
-    """Ray Data source: each file is read by one task, in order, through the same RowCheck as `check_file`, so
-    exactly the rows that the report listed as bad are left out."""
+    """Ray Data source: each file is read by one task, in order, leaving out exactly the rows that `check_file`'s
+    report listed as bad (by row number), the others cleaned as it cleaned them. Their lengths were checked there:
+    the stream does not tokenize them again."""
 
-    def __init__(self, path: Path, check: RowCheck, split: str | None):
+    def __init__(self, path: Path, check: RowCheck, split: str | None, bad_rows: frozenset[int]):
         super().__init__(str(path))
         self._check = check
         self._split = split
+        self._bad_rows = bad_rows
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         f.close()  # iter_records opens the file itself: one reader for both formats
         rows: list[dict[str, str]] = []
-        for _, _, record in iter_records(Path(path), self._check.kind):
-            result = self._check(record) if isinstance(record, dict) else record
-            if isinstance(result, str) or (self._split and result[0].get("split", self._split) != self._split):
+        for number, _, record in iter_records(Path(path), self._check.kind):
+            if number in self._bad_rows:
                 continue
-            rows.append(result[0])
+            row = self._check.clean(record) if isinstance(record, dict) else record
+            if isinstance(row, str):  # the file changed since its check
+                raise DataError(f"{path}: row {number} is bad ({row}) but passed the check of this run's start")
+            if self._split and row.get("split", self._split) != self._split:
+                continue
+            rows.append(row)
             if len(rows) == BATCH_ROWS:
                 yield pa.Table.from_pylist(rows)
                 rows = []
         if rows:
             yield pa.Table.from_pylist(rows)
+
+
+_REPORTS: dict[tuple, DataReport] = {}  # checked(): this process's reports, by file version and check
+
+
+def checked(path: Path, check: RowCheck) -> DataReport:
+    """`check_file`'s report, made once per file version (path, size, modification time) and check in this process:
+    a run's stages read the same files several times (train and test splits, eval), and a check tokenizes every
+    row."""
+    path = Path(path)
+    if not path.is_file():
+        return check_file(path, check)  # its error names the problem
+    stat = path.stat()
+    limits = tuple(sorted(check.limits.items()))
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, check.kind, str(check.tokenizer_dir), limits)
+    if key not in _REPORTS:
+        _REPORTS[key] = check_file(path, check)
+    return _REPORTS[key]
 
 
 def read_dataset(
@@ -331,6 +369,7 @@ def read_dataset(
     """Validate `path` (exit 2 on bad rows unless skipping), then stream its clean rows as a Ray Dataset.
 
     `split` keeps the rows of one split when the file has a `split` column (all rows when it has none)."""
-    report = check_file(path, check)
+    report = checked(path, check)
     enforce(report, on_bad_rows, log)
-    return ray.data.read_datasource(_CheckedRows(Path(path).resolve(), check, split)), report
+    bad_rows = frozenset(b.row for b in report.bad)
+    return ray.data.read_datasource(_CheckedRows(Path(path).resolve(), check, split, bad_rows)), report

@@ -3,13 +3,15 @@ line per `every_s` seconds (issue 19: every phase over 30 s prints at least ever
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
 EVERY_S = 20.0  # under the 30 s a phase may stay silent, with room for the work item that ends late
+T = TypeVar("T")
 
 
 def format_seconds(s: float) -> str:
@@ -50,3 +52,27 @@ def get_with_progress(
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=every_s)
         ticker.update(len(refs) - len(pending))
     return ray.get(list(refs))
+
+
+def with_lines(fn: Callable[[], T], log: Callable[[str], None], what: str, every_s: float = EVERY_S) -> T:
+    """fn() for one long step with no parts to count (an engine's start), run in a thread so that `log` gets
+    `what (20s)`, `what (40s)`, ... every `every_s` seconds until it returns; its exception is raised here."""
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = e
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=call, name=what, daemon=True)
+    thread.start()
+    while True:
+        thread.join(every_s)
+        if not thread.is_alive():
+            break
+        log(f"{what} ({format_seconds(time.perf_counter() - start)})")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

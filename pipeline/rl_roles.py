@@ -25,7 +25,7 @@ from pipeline import checkpoint
 from pipeline.config import Config, RolloutConfig
 from pipeline.errors import RunFailure
 from pipeline.experience import combine_metrics
-from pipeline.progress import get_with_progress
+from pipeline.progress import get_with_progress, with_lines
 from pipeline.stages.context import StageContext
 from pipeline.stream import CHUNK_SEED_STRIDE, ExperienceStream
 from pipeline.types import PromptBatch
@@ -149,10 +149,11 @@ class Roles:
         roles = cls(cfg, ctx)
         actors = roles.rollouts + roles.rewards + roles.references
         pending = [a.setup.remote() for a in actors]
-        groups = [g for g in (roles.learners, roles.critic) if g is not None]
-        ctx.log(f"rl: starting {len(actors) + sum(len(g.actors) for g in groups)} actors (engines, models, learners)")
-        for group in groups:
-            group.setup()
+        groups = [(g, name) for g, name in ((roles.learners, "learners"), (roles.critic, "critic")) if g is not None]
+        count = len(actors) + sum(len(g.actors) for g, _ in groups)
+        ctx.log(f"rl: starting {count} actors (engines, models, learners)")
+        for group, name in groups:
+            with_lines(group.setup, ctx.log, f"rl: starting the {name}")
         get_with_progress(pending, ctx.log, "rl: starting the rollout, reward and reference actors:", "ready")
         roles.open_stream()
         ctx.log(f"rl: actors ready ({time.perf_counter() - start:.0f}s)")

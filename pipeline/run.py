@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.console import LOG_DIR, into_driver_log, quiet_driver_logs, route_worker_output
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 from pipeline.ray_hooks import WORKER_SETUP, worker_setup
 from pipeline.report import write_report
 from pipeline.stages import Artifacts, StageContext, stage_function
@@ -33,14 +33,6 @@ QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
 }
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the stage wrote a checkpoint if it had state to save."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by signal {signum}")
-        self.exit_code = 128 + signum
 
 
 class StopRequest:

@@ -67,9 +67,19 @@ def build_engine(cfg: LearnerConfig, model: PreTrainedModel, rank: int, world_si
     return engine(cfg, model, rank, world_size)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup: update k < warmup_steps uses lr * (k + 1) / (warmup_steps + 1); then constant lr."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / (warmup_steps + 1)))
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, decay_steps: int | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup: update k < warmup_steps uses lr * (k + 1) / (warmup_steps + 1); then constant lr, or with
+    `decay_steps` (updates in all, warmup included) lr * (decay_steps - k) / (decay_steps - warmup_steps): down in
+    equal steps to lr / (decay_steps - warmup_steps) at the last update, 0 after it."""
+
+    def factor(k: int) -> float:
+        if k < warmup_steps or decay_steps is None:
+            return min(1.0, (k + 1) / (warmup_steps + 1))
+        return max(0.0, (decay_steps - k) / max(1, decay_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def deepspeed_config(cfg: LearnerConfig, *, bf16: bool, grad_clip: float) -> dict[str, Any]:
@@ -109,7 +119,7 @@ class DeepSpeedEngine:
             model=model,
             model_parameters=trainable(model),
             config=config,
-            lr_scheduler=lambda opt: warmup_schedule(opt, cfg.warmup_steps),
+            lr_scheduler=lambda opt: warmup_schedule(opt, cfg.warmup_steps, cfg.lr_decay_steps),
         )
         self.model, self.module, self.device = self.ds, self.ds.module, self.ds.device
         self._zero3 = cfg.zero_stage == 3
@@ -193,7 +203,7 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(
             trainable(model), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
-        self.scheduler = warmup_schedule(self.optimizer, cfg.warmup_steps)
+        self.scheduler = warmup_schedule(self.optimizer, cfg.warmup_steps, cfg.lr_decay_steps)
         self.steps = 0
 
     def backward(self, loss: Tensor) -> None:

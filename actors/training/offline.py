@@ -77,6 +77,7 @@ class OfflineJob:
     updates_per_epoch: tuple[int, ...] = ()  # per member's dataset: optimizer updates in one epoch (for the ETA)
     members: int = 1  # reward: ensemble members, trained one after the other
     datasets: tuple[str, ...] = ("train",)  # dataset name per member (bootstrap: one resample each)
+    lr_schedule: str = "constant"  # the stage's: "linear" decays the LR over epochs x updates_per_epoch[member]
     reference_dir: str | None = None  # dpo: the frozen reference policy
     dpo: DpoConfig | None = None
     pair_loss: str = "bt"  # reward: a key of PAIR_LOSSES
@@ -187,7 +188,11 @@ def train_member(
     model = load_model()
     if job.lora is not None and job.lora.rank > 0:
         model = add_adapters(model, job.lora)
-    engine = build_engine(job.learner, model, rank, world)
+    total = job.updates_per_epoch[member] if member < len(job.updates_per_epoch) else None
+    learner = job.learner
+    if job.lr_schedule == "linear" and total is not None:
+        learner = learner.model_copy(update={"lr_decay_steps": total * learner.epochs})
+    engine = build_engine(learner, model, rank, world)
     first_epoch = 0
     if state is not None and state["member"] == member:
         with checkpoint.as_directory() as d:
@@ -196,7 +201,6 @@ def train_member(
     shard = ray.train.get_dataset_shard(job.datasets[member])
     group = 2 if pairs else 1  # a pair's two rows share a micro-batch: the pair losses read scores[0::2], [1::2]
     goal = objective(engine, rank > 0)
-    total = job.updates_per_epoch[member] if member < len(job.updates_per_epoch) else None
     for epoch in range(first_epoch, job.learner.epochs):
         start, metrics, rows = time.perf_counter(), [], 0
         reported, reported_updates = start, 0
@@ -208,12 +212,15 @@ def train_member(
             metrics.append(m)
             rows += len(batch) // (2 if pairs else 1)
             now = time.perf_counter()
+            rate = None
             if len(metrics) == 1:  # rates count from the end of the first update, which also paid the start-up
                 reported, reported_updates = now, 1
-            if rank == 0 and job.progress is not None and now - reported >= PROGRESS_S:
-                # the rate of the last interval: the first update also pays the engine's and the shard's start
+            elif now - reported >= PROGRESS_S:  # the rate of the last interval
                 rate = (len(metrics) - reported_updates) / (now - reported)
                 reported, reported_updates = now, len(metrics)
+            # a line at the member's first update (the driver's "starting" lines end there), then every PROGRESS_S
+            first = len(metrics) == 1 and epoch == first_epoch
+            if rank == 0 and job.progress is not None and (first or rate is not None):
                 job.progress.put(
                     {
                         "kind": "progress",

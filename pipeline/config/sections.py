@@ -223,6 +223,12 @@ class LearnerConfig(Section):
     )
     lr: float = Field(1e-4, gt=0, description="Learning rate (AdamW).")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear LR warmup, then constant LR.")
+    lr_decay_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer steps in all (warmup included) over which the LR falls linearly after warmup, to "
+        "lr / (steps - warmup) at the last; None: constant LR. The offline stages set it from <stage>.lr_schedule.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")

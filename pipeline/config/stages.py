@@ -18,6 +18,15 @@ def offline_lr(default: float, *, of: str) -> Any:
     return Field(default, gt=0, description=f"Learning rate (AdamW) of {of}.")
 
 
+def offline_lr_schedule() -> Any:
+    """`lr_schedule` of an offline stage: it sets learner.lr_decay_steps in the stage's engine."""
+    return Field(
+        "constant",
+        description="`constant`: the LR after learner.warmup_steps stays `lr`; `linear`: it falls linearly over the "
+        "stage's updates (epochs x updates per epoch) to lr / updates at the last.",
+    )
+
+
 def offline_epochs(default: int, *, over: str) -> Any:
     """`epochs` of an offline stage: it takes the place of learner.epochs in the stage's engine."""
     return Field(default, ge=1, description=f"Passes over {over}.")
@@ -60,6 +69,7 @@ class SftConfig(Section):
     engine settings not listed here (betas, warmup, ZeRO stage, micro-batch, workers) come from `learner`."""
 
     lr: float = offline_lr(1e-3, of="supervised fine-tuning")
+    lr_schedule: Literal["constant", "linear"] = offline_lr_schedule()
     epochs: int = offline_epochs(4, over="the training demonstrations")
     batch_size: int = offline_batch_size(rows="Demonstrations")
     max_tokens_per_micro_batch: int | None = offline_max_tokens()
@@ -78,6 +88,7 @@ class RewardTrainConfig(Section):
         "policy), or from `policy`: the current policy (e.g. the SFT model, as in InstructGPT) with a new head.",
     )
     lr: float = offline_lr(3e-4, of="reward-model training")
+    lr_schedule: Literal["constant", "linear"] = offline_lr_schedule()
     epochs: int = offline_epochs(2, over="the training preference pairs, per ensemble member")
     batch_size: int = offline_batch_size(rows="Preference pairs")
     max_tokens_per_micro_batch: int | None = offline_max_tokens()
@@ -113,6 +124,7 @@ class DpoConfig(Section):
         0.0, ge=0, lt=0.5, description="cDPO: assumed share of flipped preference labels (sigmoid loss only)."
     )
     lr: float = offline_lr(1e-5, of="DPO")
+    lr_schedule: Literal["constant", "linear"] = offline_lr_schedule()
     epochs: int = offline_epochs(1, over="the training preference pairs")
     batch_size: int = offline_batch_size(rows="Preference pairs")
     max_tokens_per_micro_batch: int | None = offline_max_tokens()
@@ -206,6 +218,7 @@ class IrlConfig(Section):
         "demonstrations and policy samples, so a sharper discriminator does not outweigh the KL leash.",
     )
     lr: float = offline_lr(3e-4, of="the discriminator")
+    lr_schedule: Literal["constant", "linear"] = offline_lr_schedule()
     epochs: int = offline_epochs(1, over="one round's (demonstration, policy sample) pairs")
     batch_size: int = offline_batch_size(rows="(demonstration, sample) pairs")
     max_tokens_per_micro_batch: int | None = offline_max_tokens()

@@ -24,7 +24,7 @@ from pipeline.algo import pair_accuracy
 from pipeline.stages.context import StageContext
 from pipeline.stages.evaluation import implicit_reward_accuracy, sample_gold
 from pipeline.stages.heldout import heldout_rows, remote, unique
-from pipeline.stages.offline import fit, last_epoch, offline_job, rated_policy_pairs, train_dataset
+from pipeline.stages.offline import fit, last_epoch, offline_job, rated_policy_pairs, train_split
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -42,8 +42,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         reference_dir=str(reference),
         dpo=dpo,
     )
-    train = policy_pairs(ctx, reference) if dpo.pairs == "policy" else train_dataset(ctx, "preferences", tokenizer)
-    records = fit(ctx, "dpo", dpo_loop, job, {"train": train}, dpo.max_failures)
+    if dpo.pairs == "policy":
+        train, rows = policy_pairs(ctx, reference), {}
+    else:
+        train, count = train_split(ctx, "preferences", tokenizer)
+        rows = {"train": count}
+    records = fit(ctx, "dpo", dpo_loop, job, {"train": train}, dpo.max_failures, rows=rows)
     ctx.record(initial_policy=str(reference), policy=str(out))
     summary = last_epoch(records, {"loss/dpo": "dpo/loss", "dpo/reward_accuracy": "dpo/reward_accuracy"})
     test = heldout_rows(ctx, "preferences", tokenizer, unsplit="none")

@@ -40,7 +40,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import plot_best_of_n, plot_calibration, plot_gao
 from pipeline.stages.context import StageContext
 from pipeline.stages.eval_workers import EvalWorkers, Samples
-from pipeline.stages.heldout import heldout_rows, score_pairs, unique
+from pipeline.stages.heldout import HELDOUT_SCORES, heldout_rows, score_pairs, unique
 
 Tensor = torch.Tensor
 EVAL_JSON = "eval.json"
@@ -220,7 +220,10 @@ def calibration(ctx: StageContext) -> dict[str, Any]:
         return {}
     rows = eval_rows(ctx, "preferences", Path(dirs[0]))
     columns = ([r[c] for r in rows] for c in ("prompt", "chosen", "rejected"))
-    chosen, rejected = score_pairs(ctx.log, "eval: calibration, scoring the pairs", dirs, cfg.reward, *columns)
+    # the reward stage's scores of the same members on the same pairs, when this run trained them
+    reuse = ctx.run_dir / "stages" / "reward" / HELDOUT_SCORES
+    what = "eval: calibration, scoring the pairs"
+    chosen, rejected = score_pairs(ctx.log, what, dirs, cfg.reward, *columns, reuse=reuse)
     margins = chosen - rejected  # [K, B]
     margin, disagreement = ensemble_mean_std(margins)
     correct = win_outcomes(margin, torch.zeros_like(margin))

@@ -5,6 +5,7 @@ and draw and rate the policy's own samples. Held-out reads and measurements are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -21,13 +22,14 @@ from actors.training.offline import OfflineJob
 from cluster.plan import RolePlan, offline_threads, resolve_device, spawn
 from pipeline.config import RolloutConfig
 from pipeline.data import read_dataset
-from pipeline.errors import ConfigError
-from pipeline.progress import EVERY_S, format_seconds, get_with_progress
+from pipeline.errors import ConfigError, Interrupted
+from pipeline.progress import EVERY_S, format_seconds, get_with_progress, with_lines
 from pipeline.stages.context import StageContext
 from pipeline.stages.heldout import quiet, row_check
 from pipeline.types import PromptBatch
 
 POLL_S = 0.5  # how often the progress printer looks for a finished fit
+TRAINING_SILENCE_S = 28.0  # > rank 0's PROGRESS_S (20 s) between its lines, < the 30 s a phase may stay silent
 
 
 def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_dir, out_dir, **extra) -> OfflineJob:
@@ -53,6 +55,7 @@ def offline_job(ctx: StageContext, stage: str, key: str, *, init_dir, tokenizer_
         batch_size=section.batch_size,
         seed=ctx.cfg.run.seed,
         lora=ctx.cfg.lora_for(key),
+        lr_schedule=section.lr_schedule,
         **extra,
     )
 
@@ -68,17 +71,33 @@ def check_batch_size(key: str, batch_size: int, num_workers: int) -> None:
 
 def train_dataset(ctx: StageContext, kind: str, tokenizer_dir: Path) -> ray.data.Dataset:
     """The checked train split of `data.<kind>` (all rows when the file has no `split` column)."""
+    return train_split(ctx, kind, tokenizer_dir)[0]
+
+
+def train_split(ctx: StageContext, kind: str, tokenizer_dir: Path) -> tuple[ray.data.Dataset, int]:
+    """`train_dataset` and its row count, from the file check (which read every row already): `fit` need not run
+    the dataset to count it."""
     check = row_check(ctx, kind, tokenizer_dir)
     path, on_bad_rows = ctx.data_file(kind), ctx.cfg.data.on_bad_rows
     ds, report = read_dataset(path, check, on_bad_rows=on_bad_rows, split="train", log=ctx.log)
     ctx.log(f"data: {report.path}: {report.good_rows} good rows of {report.rows} ({kind})")
     quiet(ds)
-    return ds
+    return ds, report.rows_of_split("train")
 
 
-def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[str, Any], max_failures: int):
+def fit(
+    ctx: StageContext,
+    stage: str,
+    loop: Callable,
+    job: Any,
+    datasets: dict[str, Any],
+    max_failures: int,
+    rows: dict[str, int] | None = None,
+):
     """Run `loop` on `learner.num_workers` Ray Train workers with `job` (a training.offline.OfflineJob without its
-    progress queue). -> the per-epoch records rank 0 sent, also written to <stage dir>/epochs.jsonl."""
+    progress queue). `rows`: the datasets' row counts where the caller knows them (train_split); the others are
+    counted, which runs them once more. -> the per-epoch records rank 0 sent, also written to
+    <stage dir>/epochs.jsonl."""
     from dataclasses import replace
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -92,10 +111,10 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
     printer = threading.Thread(
         target=_print_progress, args=(stage, queue, records, done, ctx.log, stage_dir), daemon=True
     )
-    per_epoch = tuple(
-        updates_per_epoch(datasets[name].count(), job.batch_size, ctx.cfg.learner.num_workers) for name in job.datasets
-    )
-    trainer = TorchTrainer(
+    known, workers = rows or {}, ctx.cfg.learner.num_workers
+    counts = {name: known[name] if name in known else datasets[name].count() for name in datasets}
+    per_epoch = tuple(updates_per_epoch(counts[name], job.batch_size, workers) for name in job.datasets)
+    trainer = stoppable(TorchTrainer)(
         loop,
         train_loop_config={"job": replace(job, progress=queue, updates_per_epoch=per_epoch)},
         scaling_config=ScalingConfig(num_workers=ctx.cfg.learner.num_workers, use_gpu=resolve_device(ctx.cfg) == "gpu"),
@@ -114,13 +133,44 @@ def fit(ctx: StageContext, stage: str, loop: Callable, job: Any, datasets: dict[
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
+    except Exception:
+        if not trainer.interrupted:  # else the aborted controller's error: Interrupted below says what happened
+            raise
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
         done.set()
         printer.join()
         ray.kill(queue.actor)
+    if trainer.interrupted:
+        raise Interrupted(signal.SIGINT)
     return records
+
+
+def stoppable(trainer_class: type) -> type:
+    """`trainer_class` (Ray Train's TorchTrainer) with a SIGINT handler for its run that stops it as the run's
+    Ctrl-C does: the run's handler gets the signal first (its line; a second Ctrl-C stops at once), then the
+    controller aborts the workers, and `interrupted` is set so that fit raises Interrupted rather than hand a
+    half-trained model to the rest of the stage. `raylign run --resume` restarts the stage from its last epoch
+    checkpoint. Ray Train's own handler only aborts: fit then returns as if training had finished."""
+
+    class Stoppable(trainer_class):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller) -> None:
+            run_handler = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame) -> None:
+                if callable(run_handler):
+                    run_handler(signum, frame)
+                if not self.interrupted:
+                    self.interrupted = True
+                    with contextlib.suppress(ray.exceptions.RayActorError):  # the controller exits as it aborts
+                        ray.get(controller.abort.remote())
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return Stoppable
 
 
 def _print_progress(
@@ -139,7 +189,8 @@ def _print_progress(
             except Empty:
                 if done.is_set() and queue.empty():
                     return
-                if time.perf_counter() - last >= EVERY_S:
+                # once rank 0 reports (every PROGRESS_S), a line of ours only when its next one is late
+                if time.perf_counter() - last >= (TRAINING_SILENCE_S if heard else EVERY_S):
                     last = time.perf_counter()
                     what = "training" if heard else "starting the Ray Train workers"
                     log(f"{stage}: {what} ({format_seconds(last - start)})")
@@ -163,16 +214,17 @@ def updates_per_epoch(rows: int, batch_size: int, workers: int) -> int:
 
 def describe_progress(record: dict[str, Any]) -> str:
     """One line within an epoch: `reward: member 0 epoch 1/1 update 120/2560 (5%) eta 17m 30s 2.32 updates/s
-    loss/bt 0.6512`."""
+    loss/bt 0.6512`; at the first update, which has no rate yet, `... update 1/2560 (0%) loss/bt 0.6931`."""
     member = f" member {record['member']}" if record["stage"] == "reward" else ""
     done, total, rate = record["updates"], record["of"], record["rate"]
     where = f"update {done}"
     if total:
-        eta = (total - done) / rate if rate > 0 else 0.0
-        where = f"update {done}/{total} ({100 * done / total:.0f}%) eta {format_seconds(eta)}"
+        eta = f" eta {format_seconds((total - done) / rate)}" if rate else ""
+        where = f"update {done}/{total} ({100 * done / total:.0f}%){eta}"
     losses = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
     epoch = f"epoch {record['epoch']}/{record['epochs']}"
-    return f"{record['stage']}:{member} {epoch} {where} {rate:.2f} updates/s {losses}".rstrip()
+    speed = "" if rate is None else f" {rate:.2f} updates/s"
+    return f"{record['stage']}:{member} {epoch} {where}{speed} {losses}".rstrip()
 
 
 def describe(record: dict[str, Any]) -> str:
@@ -207,7 +259,12 @@ def policy_samples(
     size = max(rollout.chunk_size, -(-len(prompts) // SAMPLING_CALLS))
     starts = range(0, len(prompts), size)
     try:
-        ray.get(worker.setup.remote())
+        setup = worker.setup.remote()
+        if log:
+            log(f"{what}: {len(prompts)} prompts x {samples_per_prompt}")
+            with_lines(lambda: ray.get(setup), log, f"{what}: starting the {rollout.engine} engine")
+        else:
+            ray.get(setup)
         refs = [
             worker.generate.remote(PromptBatch(prompts[i : i + size], samples_per_prompt, seed=seed + i))
             for i in starts

@@ -23,7 +23,7 @@ import ray
 from actors.training.offline import reward_loop
 from pipeline.stages.context import StageContext
 from pipeline.stages.evaluation import preference_accuracy
-from pipeline.stages.heldout import heldout_rows, quiet, score_pairs
+from pipeline.stages.heldout import HELDOUT_SCORES, heldout_rows, quiet, score_pairs
 from pipeline.stages.offline import (
     demonstration_pairs,
     fit,
@@ -33,6 +33,7 @@ from pipeline.stages.offline import (
     rated_policy_pairs,
     task_info,
     train_dataset,
+    train_split,
 )
 
 
@@ -41,12 +42,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg, rm = ctx.cfg, ctx.cfg.rm
     init = initial_model(ctx)
     members = cfg.reward.ensemble_size
-    train = train_pairs(ctx, init)
-    if rm.bootstrap:
+    train, count = train_pairs(ctx, init)
+    if rm.bootstrap:  # a resample's size is known once it ran: fit counts it
         seeds = {f"train-{k}": cfg.run.seed + k for k in range(members)}
         datasets = {name: train.map_batches(bootstrap, fn_kwargs={"seed": seed}) for name, seed in seeds.items()}
+        rows = {}
     else:
-        datasets = {"train": train}
+        datasets, rows = {"train": train}, {"train": count}
     out = ctx.stage_dir("reward")
     job = offline_job(
         ctx,
@@ -59,7 +61,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         datasets=tuple(datasets) if rm.bootstrap else ("train",) * members,
     )
     ctx.log(f"reward: training {members} member(s) from {init}")
-    records = fit(ctx, "reward", reward_loop, job, datasets, rm.max_failures)
+    records = fit(ctx, "reward", reward_loop, job, datasets, rm.max_failures, rows=rows)
     member_dirs = [str(out / f"member-{k}") for k in range(members)]
     ctx.record(reward=member_dirs)
     summary: dict[str, Any] = {}
@@ -70,7 +72,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     test = heldout_rows(ctx, "preferences", init, unsplit="none")
     if test:
         columns = ([r[c] for r in test] for c in ("prompt", "chosen", "rejected"))
-        scores = score_pairs(ctx.log, "reward: scoring the held-out pairs", member_dirs, cfg.reward, *columns)
+        what = "reward: scoring the held-out pairs"
+        scores = score_pairs(ctx.log, what, member_dirs, cfg.reward, *columns, keep=out / HELDOUT_SCORES)
         acc = preference_accuracy(*scores)
         summary["rm/heldout_accuracy"] = acc["ensemble"]
         summary["rm/heldout_accuracy_members"] = acc["member_mean"]
@@ -92,23 +95,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
-def train_pairs(ctx: StageContext, init: Path) -> Any:
+def train_pairs(ctx: StageContext, init: Path) -> tuple[Any, int]:
     """The training pairs `rm.pairs` asks for: the preferences file's train split, the current policy's own
     samples rated by the task's raters, or both (a Ray Data union); with `rm.demonstration_pairs`, (demonstration,
-    policy sample) pairs as well."""
+    policy sample) pairs as well. -> the dataset and its row count."""
     rm, columns = ctx.cfg.rm, ["prompt", "chosen", "rejected"]
-    parts = []
+    parts = []  # (dataset, rows): the file's from its check, the pairs made here from their list
     # the rated pairs first: without a task they fail with the message that names rm.pairs
     if rm.pairs in ("policy", "both"):
-        parts.append(rated_policy_pairs(ctx, ctx.policy_dir(), rm.policy_pairs_per_prompt, key="rm.pairs"))
+        pairs = rated_policy_pairs(ctx, ctx.policy_dir(), rm.policy_pairs_per_prompt, key="rm.pairs")
+        parts.append((pairs, pairs.count()))
     if rm.pairs in ("data", "both"):
-        parts.insert(0, train_dataset(ctx, "preferences", init))
+        parts.insert(0, train_split(ctx, "preferences", init))
     if rm.demonstration_pairs:
-        parts.append(demonstration_dataset(ctx))
+        pairs = demonstration_dataset(ctx)
+        parts.append((pairs, pairs.count()))
+    rows = sum(n for _, n in parts)
     if len(parts) == 1:
-        return parts[0]
-    first, *rest = (part.select_columns(columns) for part in parts)
-    return first.union(*rest)
+        return parts[0][0], rows
+    first, *rest = (part.select_columns(columns) for part, _ in parts)
+    return first.union(*rest), rows
 
 
 def demonstration_dataset(ctx: StageContext) -> Any:

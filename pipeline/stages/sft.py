@@ -16,7 +16,7 @@ from actors.training.offline import sft_loop
 from pipeline.stages.context import StageContext
 from pipeline.stages.evaluation import sample_gold
 from pipeline.stages.heldout import heldout_rows, remote, unique
-from pipeline.stages.offline import fit, last_epoch, offline_job, train_dataset
+from pipeline.stages.offline import fit, last_epoch, offline_job, train_split
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -25,7 +25,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     policy, tokenizer = ctx.policy_dir(), ctx.tokenizer_dir()
     out = ctx.stage_dir("sft") / "policy"
     job = offline_job(ctx, "sft", "sft", init_dir=policy, tokenizer_dir=tokenizer, out_dir=out)
-    records = fit(ctx, "sft", sft_loop, job, {"train": train_dataset(ctx, "demos", tokenizer)}, sft.max_failures)
+    train, rows = train_split(ctx, "demos", tokenizer)
+    records = fit(ctx, "sft", sft_loop, job, {"train": train}, sft.max_failures, rows={"train": rows})
     ctx.record(initial_policy=str(policy), policy=str(out))
     summary = last_epoch(records, {"loss/sft": "sft/loss"})
     if ctx.gold_reward() is not None:

@@ -1,5 +1,7 @@
 """RewardWorker and ReferenceWorker as Ray actors give what the plain classes give, and errors keep their type."""
 
+import os
+import shutil
 import socket
 
 import pytest
@@ -86,3 +88,24 @@ def test_score_pairs_in_parts_equals_one_plain_scoring(local_ray, task_dir, monk
     assert got_chosen.shape == got_rejected.shape == (2, 23)
     torch.testing.assert_close(got_chosen, plain.score(prompts, chosen), atol=1e-5, rtol=0)
     torch.testing.assert_close(got_rejected, plain.score(prompts, rejected), atol=1e-5, rtol=0)
+
+
+def test_score_pairs_reads_back_its_kept_scores_of_the_same_models_only(local_ray, task_dir, tmp_path):
+    """What eval's calibration relies on: scores kept by one call come back from the file for the same model files
+    and pairs, and are scored afresh once a model's weights change."""
+    from pipeline.stages import heldout
+
+    member = tmp_path / "member-0"
+    shutil.copytree(task_dir / "models/reward", member)
+    prompts, chosen = sample_texts(6, seed=3)
+    _, rejected = sample_texts(6, seed=4)
+    cfg, kept, lines = RewardConfig(micro_batch_size=4), tmp_path / "heldout_scores.pt", []
+    first = heldout.score_pairs(lines.append, "scoring", [str(member)], cfg, prompts, chosen, rejected, keep=kept)
+    again = heldout.score_pairs(lines.append, "scoring", [str(member)], cfg, prompts, chosen, rejected, reuse=kept)
+    assert lines[-1].endswith("(same models and pairs)")
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    (weights,) = member.glob("*.safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # a retrained member
+    seen = len(lines)
+    heldout.score_pairs(lines.append, "scoring", [str(member)], cfg, prompts, chosen, rejected, reuse=kept)
+    assert lines[seen] == "scoring: 6 pairs, 1 model(s)"

@@ -202,3 +202,17 @@ def test_duplicates_are_reported_not_dropped(tmp_path, capsys):
         f"data: {path}: 2 duplicate rows kept (row 5 repeats row 2; "
         f"`raylign data check {path} --kind preferences` lists them all)"
     ]
+
+
+def test_the_driver_checks_a_file_once_per_version(tmp_path):
+    """read_dataset's check (pipeline.data.checked) runs once per file version and check in a process: the same
+    report for the same file, a new one once the file changed."""
+    from pipeline.data import checked
+
+    path = write_jsonl(tmp_path / "prefs.jsonl", prefs())
+    check = RowCheck("preferences", tokenizer_dir=None, max_prompt_tokens=64, max_response_tokens=64)
+    first = checked(path, check)
+    assert checked(path, check) is first and first.good_rows == ROWS
+    write_jsonl(path, with_bad_row(chosen=""))
+    again = checked(path, check)
+    assert again is not first and [b.row for b in again.bad] == [BAD_ROW]

@@ -50,3 +50,26 @@ def test_a_progress_line_without_a_total_gives_the_count_and_rate():
 def test_seconds_read_as_minutes_and_seconds():
     assert format_seconds(59.4) == "59s"
     assert format_seconds(61) == "1m 01s"
+
+
+def test_the_first_update_line_has_no_rate_yet():
+    record = {"kind": "progress", "stage": "sft", "member": 0, "epoch": 1, "epochs": 4, "updates": 1, "of": 28}
+    assert (
+        describe_progress({**record, "rate": None, "loss/sft": 6.5})
+        == "sft: epoch 1/4 update 1/28 (4%) loss/sft 6.5000"
+    )
+
+
+def test_the_file_check_counts_the_rows_each_split_streams(tmp_path):
+    """What fit uses in place of counting a dataset: the train split's rows plus the rows that name no split."""
+    import json
+
+    from pipeline.data import RowCheck, check_file
+
+    rows = [{"prompt": f"p{i}", "response": "r", "split": s} for i, s in enumerate(["train"] * 3 + ["test"] * 2)]
+    rows += [{"prompt": "q", "response": "r"}, {"prompt": "", "response": "r", "split": "train"}]  # no split; bad
+    path = tmp_path / "demos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = check_file(path, RowCheck("demos", tokenizer_dir=None, max_prompt_tokens=64, max_response_tokens=64))
+    assert (report.rows, report.good_rows) == (7, 6)
+    assert report.rows_of_split("train") == 4 and report.rows_of_split("test") == 3

@@ -39,3 +39,29 @@ def test_sweep_progress_counts_trials_by_status_and_steps_with_finished_trials_i
     assert describe_trials(trials, 10, 40.0, 8) == (
         "sweep: trials 1 done, 2 running, 1 pending (of 4); RL steps 16/40 (40%) 0.20 steps/s eta 2m 00s"
     )
+
+
+def test_a_long_step_gets_a_line_per_interval_and_its_result_or_error():
+    import threading
+
+    import pytest
+
+    lines, release = [], threading.Event()
+
+    def step():
+        release.wait(5)
+        return 42
+
+    def after_two_lines(line):
+        lines.append(line)
+        if len(lines) == 2:
+            release.set()
+
+    assert progress.with_lines(step, after_two_lines, "rl: starting the learners", every_s=0.05) == 42
+    assert lines == ["rl: starting the learners (0s)"] * 2
+
+    def broken():
+        raise ValueError("no engine")
+
+    with pytest.raises(ValueError, match="no engine"):
+        progress.with_lines(broken, lines.append, "x", every_s=0.05)
