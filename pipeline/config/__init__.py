@@ -4,7 +4,8 @@ Every default lives here and nowhere else (STYLE.md rule 2): call sites read `cf
 `dict.get("key", default)`. Models are frozen and reject unknown keys, so a typo is an error, not a no-op.
 
 The schema is split by concept: `sections` (run, data, model and the RL roles), `stages` (the offline stage
-sections), `root` (`Config` and its cross-field checks), `loading` (YAML, overrides, validation, error lines).
+sections), `sweep` (Ray Tune's search space), `root` (`Config` and its cross-field checks), `loading` (YAML,
+overrides, validation, error lines).
 Import every name from `pipeline.config`.
 """
 
@@ -35,10 +36,8 @@ from pipeline.config.sections import (
     RewardSource,
     RolloutConfig,
     RunConfig,
-    SearchSpace,
     Section,
     Stage,
-    SweepConfig,
     SynthConfig,
 )
 from pipeline.config.stages import (
@@ -53,6 +52,7 @@ from pipeline.config.stages import (
     offline_max_failures,
     offline_max_tokens,
 )
+from pipeline.config.sweep import SearchSpace, SweepConfig
 
 __all__ = [
     "AlgoConfig",

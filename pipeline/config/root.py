@@ -19,10 +19,10 @@ from pipeline.config.sections import (
     RunConfig,
     Section,
     Stage,
-    SweepConfig,
     SynthConfig,
 )
 from pipeline.config.stages import DpoConfig, EvalConfig, IrlConfig, RewardTrainConfig, SftConfig
+from pipeline.config.sweep import SweepConfig
 
 
 class Config(Section):
