@@ -246,13 +246,6 @@ class PolicyLearner:
         return self.engine.steps
 
 
-def master_address() -> tuple[str, int, str]:
-    """(node IP, a free port, node id) of the node this runs on: where rank 0 will listen."""
-    from cluster.local import free_port
-
-    return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
-
-
 class LearnerGroup:
     """N learner ranks as Ray actors in one process group: spawn, set up, fan out shards, gather weights.
 
@@ -275,12 +268,14 @@ class LearnerGroup:
         num_gpus: float = 0,
         lora: LoraConfig | None = None,
     ):
+        from cluster.local import master_address
         from cluster.plan import RolePlan, placement, spawn
 
         n = learner_cfg.num_workers
         ranks = RolePlan("learner", "learner", [{"CPU": float(num_cpus), "GPU": float(num_gpus)}] * n)
         groups = {ranks.group: placement_group} if placement_group is not None else None
-        # Rank 0 listens on a free port of the node the probe ran on: in its bundle, or pinned to that node.
+        # Rank 0 listens on a free port of the node the probe ran on: in its bundle, or pinned to that node. The
+        # probe lives in a module without torch, so its worker process starts without importing the learner's.
         probe = ray.remote(num_cpus=0)(master_address).options(
             scheduling_strategy=placement(ranks, groups, 0, first_bundle=first_bundle)
         )

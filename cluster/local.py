@@ -59,6 +59,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free TCP port in {low}-{high} on {host or 'any address'}")
 
 
+def master_address() -> tuple[str, int, str]:
+    """(node IP, a free port, node id) of the node this runs on (a Ray task): where a learner's rank 0 will
+    listen."""
+    import ray
+
+    return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
+
+
 @dataclass
 class LocalNode:
     pid: int

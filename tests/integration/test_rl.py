@@ -131,7 +131,14 @@ def test_a_reward_the_task_never_defined_is_optimized_by_two_engines_and_two_lea
 @pytest.mark.parametrize("lora", [[], ["lora.rank=8", "lora.stages=[rl]"]], ids=["full", "lora"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(sft_run, tmp_path, lora):
     """LoRA: the checkpoint holds the adapters and their optimizer state without the frozen base."""
-    overrides = ["run.max_steps=6", "run.checkpoint_every=2", "run.eval_prompts=16", *lora]
+    # 8 prompts a step (the config's 32 would only make each step slower): equality needs no more
+    overrides = [
+        "run.max_steps=6",
+        "run.checkpoint_every=2",
+        "run.eval_prompts=16",
+        "rollout.prompts_per_step=8",
+        *lora,
+    ]
     whole = run(load_config(None), resume=continue_with_rl(sft_run, tmp_path / "whole", overrides), log=lambda _: None)
     cut = continue_with_rl(sft_run, tmp_path / "cut", overrides)
     proc = subprocess.Popen(
@@ -199,7 +206,13 @@ def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tm
     cut = continue_with_rl(
         sft_run,
         tmp_path / "faults",
-        ["run.max_steps=6", "run.checkpoint_every=1", "run.max_failures=1", "run.eval_prompts=8"],
+        [
+            "run.max_steps=6",
+            "run.checkpoint_every=1",
+            "run.max_failures=1",
+            "run.eval_prompts=8",
+            "rollout.prompts_per_step=8",
+        ],
     )
     proc = subprocess.Popen(
         [RAYLIGN, "run", "configs/tiny_grpo.yaml", "--resume", str(cut)],
@@ -234,7 +247,7 @@ def test_crashed_actors_restart_and_learner_failures_restart_or_stop(sft_run, tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = steps_of(cut)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # each step once: nothing lost or counted twice
-    assert all(r["samples"] == 32 * 8 for r in steps)
+    assert all(r["samples"] == 8 * 8 for r in steps)  # 8 prompts x 8 samples
     # the rollout and the reward worker came back, counted across the run's own restart from a checkpoint
     assert max(r["faults/restarts"] for r in steps) == 2
     # the restarted rollout worker sampled with the learners' current weights
