@@ -2,6 +2,7 @@
 `ray start` process only if it names the node's temp dir (a stale pid may belong to anything by now). `free_port`
 gives ports that no outgoing connection can take before a server binds them."""
 
+import pickle
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import LISTEN_PORTS, LocalNode, free_port, stop_node
+from cluster.local import LISTEN_PORTS, LocalNode, free_port, master_address, stop_node
 
 
 def sleeper(*args: str) -> subprocess.Popen:
@@ -59,3 +60,16 @@ def test_free_port_never_gives_a_taken_port_and_says_so_when_none_is_left(monkey
         monkeypatch.setattr("cluster.local.LISTEN_PORTS", (busy, busy))
         with pytest.raises(RuntimeError, match=f"no free TCP port in {busy}-{busy} on 127.0.0.1"):
             free_port()
+
+
+def test_the_learners_address_probe_imports_without_torch():
+    """LearnerGroup runs cluster.local.master_address as a Ray task before its ranks start: the worker that runs
+    it imports only that module, and torch, transformers or DeepSpeed there would add seconds to every RL start."""
+    code = (
+        "import pickle, sys\n"
+        f"probe = pickle.loads({pickle.dumps(master_address)!r})\n"
+        "assert probe.__name__ == 'master_address'\n"
+        "print(','.join(sorted(m for m in ('torch', 'transformers', 'vllm', 'deepspeed') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the probe's module imported {out.stdout.strip()}"
