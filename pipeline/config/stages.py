@@ -212,6 +212,12 @@ class IrlConfig(Section):
         "demonstration, from a random earlier round, next to this round's): the policy cannot go back to an old "
         "exploit. 0: this round's samples only.",
     )
+    reference: Literal["initial", "round"] = Field(
+        "initial",
+        description="The KL leash of each round's RL steps: `initial`, the policy before the stage; `round`, the "
+        "policy the round starts from. With `round` and `algo.kl.coef` 1, a round maximizes the discriminator's "
+        "logit (log p_demo / p_policy at its optimum) minus KL to its start: the reverse KL to the demonstrations.",
+    )
     standardize_reward: bool = Field(
         False,
         description="Each round's RL reward is the discriminator's score divided by its std on that round's "

@@ -7,7 +7,8 @@ Each of `irl.rounds` rounds:
      the reward is the discriminator's logit), on Ray Train (actors.training.offline.reward_loop); from round 2 on, each
      demonstration is also paired with a sample of one of the last `irl.replay_rounds` rounds;
   3. run `irl.rl_steps` RL steps against the current reward with the RL loop (`pipeline.rl.train_iter`), under
-     the KL leash to the policy before the stage (the reference stays fixed across rounds); with
+     the KL leash to the policy before the stage (`irl.reference: initial`, fixed across rounds) or to the
+     policy the round starts from (`round`); with
      `irl.standardize_reward` the reward is divided by its std on the round's demonstrations and samples.
 `irl.method: afd` does steps 1-2 in round 1 only (a reward from demonstrations against the initial policy, Sun &
 van der Schaar 2024) and step 3 in every round.
@@ -35,7 +36,7 @@ import ray
 from actors.reward import ModelScorer
 from actors.training.offline import reward_loop
 from pipeline import checkpoint
-from pipeline.config import Config, RewardConfig
+from pipeline.config import Config, IrlConfig, RewardConfig
 from pipeline.metrics import plot_metrics
 from pipeline.recorder import Recorder, read_events
 from pipeline.rl import train_iter
@@ -71,7 +72,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         elif irl.method == "afd" and rounds:
             # AfD: the reward of round 1 (demonstrations against the initial policy's samples) stays; RL goes on
             first = rounds[0]
-            policy_out, evals = rl_round(ctx, k, round_dir, policy, first["reward"], reference, first["reward_scale"])
+            leash = kl_leash(irl, policy, reference)
+            policy_out, evals = rl_round(ctx, k, round_dir, policy, first["reward"], leash, first["reward_scale"])
             if evals is None:
                 return {}
             done = {**first, "policy": policy_out, "evals": evals, "kl": last_kl(ctx, k)}
@@ -99,7 +101,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             )
             # step 3. RL steps against the current reward (standardized on this round's data), from the current policy
             scale = reward_scale(cfg, disc, demos, samples) if irl.standardize_reward else 1.0
-            policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, reference, scale)
+            policy_out, evals = rl_round(ctx, k, round_dir, policy, disc, kl_leash(irl, policy, reference), scale)
             if evals is None:  # stopped mid-round: a resume continues from the round's last checkpoint
                 return {}
             done = {
@@ -130,6 +132,12 @@ def initial_discriminator(ctx: StageContext) -> str:
     if ctx.cfg.irl.init == "task" and task_dir is not None and "files" in info:
         return str(Path(task_dir) / info["files"]["reward"])
     return str(ctx.policy_dir())
+
+
+def kl_leash(irl: IrlConfig, policy: str | Path, initial: Path) -> Path:
+    """The reference of a round's RL steps: the policy before the stage (`irl.reference: initial`), or the policy
+    the round starts from (`round`)."""
+    return Path(policy) if irl.reference == "round" else initial
 
 
 def earlier_samples(ctx: StageContext, k: int, replay_rounds: int) -> list[list[str]]:

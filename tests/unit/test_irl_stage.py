@@ -1,11 +1,13 @@
 """The `irl` stage's pure parts: the summary over rounds, and the config that runs it."""
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.stages import STAGES, stage_function
-from pipeline.stages.irl import irl_summary
+from pipeline.stages.irl import irl_summary, kl_leash
 from pipeline.stages.offline import demonstration_pairs
 from tests.conftest import REPO
 
@@ -84,3 +86,11 @@ def test_irl_discriminator_continues_or_starts_fresh_each_round():
     assert load_config(None, ["irl.discriminator=fresh"]).irl.discriminator == "fresh"
     with pytest.raises(ConfigError, match="irl.discriminator"):
         load_config(None, ["irl.discriminator=reset"])
+
+
+def test_a_rounds_kl_leash_is_the_initial_policy_or_the_policy_the_round_starts_from():
+    initial, round_start = Path("/run/stages/sft/policy"), "/run/stages/irl/round-1/stages/rl/policy"
+    assert kl_leash(load_config(None).irl, round_start, initial) == initial
+    assert kl_leash(load_config(None, ["irl.reference=round"]).irl, round_start, initial) == Path(round_start)
+    with pytest.raises(ConfigError, match="irl.reference"):
+        load_config(None, ["irl.reference=sft"])
